@@ -1,0 +1,168 @@
+"""The `aigc-ray` command: train, sample, eval, fid-ref, tune, serve, demo.
+
+    aigc-ray train --dataset fashion-mnist --loss wgan-gp --num-workers 2 --steps 2000 --name fm-wgan
+    aigc-ray sample --checkpoint ~/aigc_ray/runs/fm-wgan --n 64 --seed 0 --out grid.png
+
+Training flags are generated from the config fields (config.py holds every default and its help);
+`--config FILE` loads a YAML/JSON config and flags override it. A user mistake ends with one line
+on stderr and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .config import ConfigError, all_keys, load_config
+
+
+def _flag(key: str) -> str:
+    f = all_keys()[key]
+    return f.metadata.get("flag") or "--" + key.split(".")[1].replace("_", "-")
+
+
+def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per config field (the field's comment is its help); only given flags override."""
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON config; flags override it")
+    for key, f in all_keys().items():
+        if only and key.split(".")[0] not in only:
+            continue
+        flag, dest, helptext = _flag(key), key.replace(".", "__"), f"{f.metadata['help']} [{f.default}]"
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if key == "train.use_gpu":
+            p.add_argument("--use-gpu", dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
+                           help="train on GPUs [default: when the cluster has them]")
+            p.add_argument("--no-gpu", dest=dest, action="store_const", const=False, default=argparse.SUPPRESS,
+                           help="train on CPUs even when GPUs are there")
+        elif kind.startswith("bool"):
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=helptext)
+        else:
+            p.add_argument(flag, dest=dest, metavar=key.split(".")[1].upper(), default=argparse.SUPPRESS,
+                           help=helptext)
+
+
+def config_from_args(args: argparse.Namespace):
+    overrides = {k.replace("__", "."): v for k, v in vars(args).items() if "__" in k}
+    return load_config(args.config, overrides)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster a job runs in (RAY_ADDRESS), or start a local one for this command."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING", include_dashboard=None,
+             configure_logging=True)
+
+
+def emit(result: dict[str, Any], as_json: bool) -> None:
+    """Human lines, or (with --json) one JSON object as the last line of stdout."""
+    if as_json:
+        print(json.dumps(result, default=str), flush=True)
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> dict:
+    from . import train
+
+    cfg = config_from_args(args)
+    train.check_data(cfg)  # a missing dataset fails here, before Ray starts
+    init_ray(args.address)
+    train.check_cluster(cfg)
+    return train.fit(cfg)
+
+
+def cmd_sample(args) -> dict:
+    from .images import grid, save_png, to_uint8
+    from .models import generate, noise
+
+    n = _positive(args.n, "--n")
+    if args.url:
+        from .client import Client
+
+        png = Client(args.url).grid(n=n, seed=args.seed, truncation=args.truncation, cls=args.cls)
+        from pathlib import Path
+
+        Path(args.out).write_bytes(png)
+        return {"out": args.out, "n": n, "seed": args.seed, "url": args.url}
+    from .checkpoint import load_generator
+
+    if not args.checkpoint:
+        raise ConfigError("sample: give --checkpoint PATH (or --url of a running service)")
+    g, cfg, meta = load_generator(args.checkpoint)
+    y = None
+    if cfg.model.conditional:
+        import torch
+
+        y = torch.full((n,), args.cls if args.cls is not None else 0, dtype=torch.long)
+        if not 0 <= int(y[0]) < cfg.model.num_classes:
+            raise ConfigError(f"--class: must be in [0, {cfg.model.num_classes}), got {args.cls}")
+    elif args.cls is not None:
+        raise ConfigError("--class: this checkpoint's model is not class-conditional")
+    z = noise(n, cfg.model.latent_dim, seed=args.seed, truncation=args.truncation)
+    out = save_png(args.out, grid(to_uint8(generate(g, z, y))))
+    return {"out": str(out), "n": n, "seed": args.seed, "checkpoint": meta["path"], "step": meta["step"]}
+
+
+def _positive(v: int, name: str) -> int:
+    if v <= 0:
+        raise ConfigError(f"{name}: must be > 0, got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aigc-ray", description="Train, tune and serve GANs on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or resume a GAN with Ray Train (DDP workers)")
+    add_config_flags(t)
+    t.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    t.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="a grid of images from a checkpoint's G_ema (or a running service)")
+    s.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    s.add_argument("--url", help="sample from a running aigc-ray service instead, e.g. http://127.0.0.1:8000")
+    s.add_argument("--n", type=int, default=64, help="images in the grid [64]")
+    s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images [0]")
+    s.add_argument("--truncation", type=float, default=None, help="redraw |z| above this (truncation trick)")
+    s.add_argument("--class", dest="cls", type=int, default=None, help="class index, for conditional models")
+    s.add_argument("--out", default="grid.png", help="PNG to write [grid.png]")
+    s.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    s.set_defaults(fn=cmd_sample)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.fn(args)
+    except ConfigError as e:  # every user mistake: one line, exit 2
+        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aigc-ray: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        emit(result, getattr(args, "json", False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""One typed, frozen config for everything aigc_ray does.
+
+Defaults live here and nowhere else. The CLI flags, the Tune search space keys ("optim.lr_g") and the
+Serve options are views of these fields. A config is validated once, at the edge (`validate`), and
+`resolve` turns the "auto" values into concrete ones so the copy saved with a run describes it fully.
+
+    cfg = load_config("my.yaml", overrides={"optim.lr_g": 1e-4})
+    cfg = resolve(validate(cfg), channels=1, num_classes=10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+IMAGE_SIZES = (32, 64, 128)
+LOSSES = ("bce", "wgan-gp", "hinge", "lsgan")
+D_NORMS = ("auto", "batch", "layer", "none")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+METRICS = ("fid-domain", "fid")
+
+
+class ConfigError(ValueError):
+    """A config value a user gave is wrong; the message names the field and what is allowed."""
+
+
+def opt(default: Any, help: str, *, flag: str | None = None):
+    """A config field: its default, the comment shown by `--help`, and (rarely) a flag name of its own."""
+    meta = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = opt("fashion-mnist", "fashion-mnist | mnist-5k | mnist | cifar10 | celeba | folder:PATH")
+    image_size: int = opt(32, "side of the square images the GAN makes: 32, 64 or 128")
+    channels: int = opt(0, "1 (grayscale) or 3 (RGB); 0: the dataset's own")
+    root: str = opt("", "where torchvision datasets are kept or downloaded to; '': ~/.cache/aigc_ray/data")
+    download: bool = opt(True, "let torchvision download a dataset that is not under root (needs network)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_dim: int = opt(128, "size of the noise vector z fed to G")
+    ngf: int = opt(64, "G width: channels of G's last hidden layer (doubling towards the 4x4 start)")
+    ndf: int = opt(64, "D width: channels of D's first layer (doubling towards the 4x4 end)")
+    d_norm: str = opt("auto", "D normalisation: batch | layer | none; auto: batch, none for wgan-gp")
+    spectral_norm: bool = opt(False, "spectral normalisation on every D layer")
+    conditional: bool = opt(False, "class-conditional G (label embedding) and D (projection); needs labels")
+    num_classes: int = opt(0, "classes of a conditional model; 0: the dataset's own")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = opt("bce", "bce (non-saturating DCGAN) | wgan-gp | hinge | lsgan", flag="--loss")
+    gp_weight: float = opt(10.0, "lambda of the WGAN-GP gradient penalty")
+    n_critic: int = opt(0, "D updates per G update; 0: 5 for wgan-gp, 1 otherwise")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_g: float = opt(2e-4, "Adam learning rate of G")
+    lr_d: float = opt(2e-4, "Adam learning rate of D")
+    beta1: float = opt(0.5, "Adam beta1 (both networks)")
+    beta2: float = opt(0.999, "Adam beta2 (both networks)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = opt(2000, "G updates to train for (the run's total, also when resuming)")
+    batch_size: int = opt(64, "images per worker per D update; the global batch is batch_size x num_workers")
+    num_workers: int = opt(1, "Ray Train workers (data-parallel DDP); 0: run in this process, no workers")
+    use_gpu: bool | None = opt(None, "train on GPUs; None: when the cluster has them", flag="--use-gpu")
+    amp: str = opt("auto", "autocast on GPU: none | bf16 | fp16; auto: bf16 on GPU, none on CPU")
+    cpus_per_worker: int = opt(1, "CPUs Ray reserves for each worker, and its torch threads")
+    ema_decay: float = opt(0.999, "decay of the EMA copy of G used for samples and FID; 0: no EMA")
+    log_every: int = opt(50, "report metrics every this many steps")
+    ckpt_every: int = opt(500, "write a checkpoint (with a sample grid) every this many steps")
+    keep_checkpoints: int = opt(3, "checkpoints kept per run (the newest); 0: keep all")
+    eval_every: int = opt(0, "compute eval_metric every this many steps (at checkpoints); 0: off")
+    eval_metric: str = opt("fid-domain", "metric computed during training: fid-domain | fid")
+    eval_samples: int = opt(2000, "generated images for the metric during training")
+    max_failures: int = opt(3, "worker-group restarts from the last checkpoint before the run fails")
+    seed: int = opt(0, "seed of weights, noise, data order and the fixed sample-grid noise")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt("", "run name; running the same name again resumes it; '': dataset-loss-time")
+    storage: str = opt("~/aigc_ray/runs", "folder (or URI) holding runs: <storage>/<name>/checkpoint_*")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Build from a nested dict; unknown sections or keys are errors, missing ones take defaults."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a mapping of sections, got {type(d).__name__}")
+        sections = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"config: unknown section(s) {sorted(unknown)}; allowed: {sorted(sections)}")
+        return replace(cls(), {f"{s}.{k}": v for s, sub in d.items() for k, v in _as_mapping(s, sub).items()})
+
+    def get(self, key: str) -> Any:
+        section, name = _split_key(key)
+        return getattr(getattr(self, section), name)
+
+
+def _as_mapping(section: str, sub: Any) -> dict:
+    if sub is None:
+        return {}
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {sub!r}")
+    return sub
+
+
+def section_classes() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(Config)}
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every config key as 'section.field' -> its dataclass field."""
+    return {f"{s}.{f.name}": f for s, cls in section_classes().items() for f in fields(cls)}
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    if key.count(".") != 1 or key not in all_keys():
+        raise ConfigError(f"unknown config key {key!r}; keys look like 'optim.lr_g' (see `aigc-ray train --help`)")
+    section, name = key.split(".")
+    return section, name
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Type-check one value against its field (ints stay ints, YAML's 1e-4 strings become floats)."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{key}: must not be empty")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"-?\d+", value))):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return int(value)
+    if kind == "float":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: must be a number, got {value!r}") from None
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled field type {kind} for {key}")
+
+
+def replace(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of cfg with 'section.field' keys set (type-checked, not yet validated)."""
+    keys = all_keys()
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, name = _split_key(key)
+        by_section.setdefault(section, {})[name] = _coerce(key, keys[key], value)
+    return dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in by_section.items()}
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then a YAML/JSON file, then overrides (CLI flags); validated."""
+    cfg = Config()
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            text = p.read_text()
+            if p.suffix == ".json":
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text) or {}
+        except Exception as e:  # a syntax error in the user's file: name the file, not our stack
+            raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+        cfg = Config.from_dict(raw)
+    if overrides:
+        cfg = replace(cfg, overrides)
+    return validate(cfg)
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {allowed}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value a user can get wrong; returns cfg unchanged or raises ConfigError."""
+    d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
+    from .data import check_name  # data names are owned by the data module
+
+    check_name(d.dataset)
+    _check(d.image_size in IMAGE_SIZES, "data.image_size", f"must be one of {IMAGE_SIZES}", d.image_size)
+    _check(d.channels in (0, 1, 3), "data.channels", "must be 0 (dataset's own), 1 or 3", d.channels)
+    _check(m.latent_dim > 0, "model.latent_dim", "must be > 0", m.latent_dim)
+    _check(m.ngf > 0 and m.ndf > 0, "model.ngf/ndf", "must be > 0", (m.ngf, m.ndf))
+    _check(m.d_norm in D_NORMS, "model.d_norm", f"must be one of {D_NORMS}", m.d_norm)
+    _check(m.num_classes >= 0, "model.num_classes", "must be >= 0", m.num_classes)
+    _check(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}", lo.name)
+    _check(lo.gp_weight >= 0, "loss.gp_weight", "must be >= 0", lo.gp_weight)
+    _check(lo.n_critic >= 0, "loss.n_critic", "must be >= 0 (0: auto)", lo.n_critic)
+    if lo.name == "wgan-gp":
+        _check(m.d_norm != "batch", "model.d_norm", "BatchNorm breaks the per-sample gradient penalty of "
+               "wgan-gp; use layer or none", m.d_norm)
+    for key in ("lr_g", "lr_d"):
+        _check(getattr(o, key) > 0, f"optim.{key}", "must be > 0", getattr(o, key))
+    for key in ("beta1", "beta2"):
+        _check(0 <= getattr(o, key) < 1, f"optim.{key}", "must be in [0, 1)", getattr(o, key))
+    _check(t.steps > 0, "train.steps", "must be > 0", t.steps)
+    _check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
+    _check(t.num_workers >= 0, "train.num_workers", "must be >= 0", t.num_workers)
+    _check(t.amp in AMP_MODES, "train.amp", f"must be one of {AMP_MODES}", t.amp)
+    _check(t.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1", t.cpus_per_worker)
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)", t.ema_decay)
+    for key in ("log_every", "ckpt_every"):
+        _check(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0", t.keep_checkpoints)
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0", t.eval_every)
+    _check(t.eval_metric in METRICS, "train.eval_metric", f"must be one of {METRICS}", t.eval_metric)
+    _check(t.eval_samples > 0, "train.eval_samples", "must be > 0", t.eval_samples)
+    _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
+    _check(re.fullmatch(r"[A-Za-z0-9_.\-]*", cfg.run.name) is not None, "run.name",
+           "may hold letters, digits, '.', '_' and '-' only", cfg.run.name)
+    _check(bool(cfg.run.storage), "run.storage", "must not be empty", cfg.run.storage)
+    return cfg
+
+
+def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False) -> Config:
+    """Make every 'auto' value concrete, given what the dataset and cluster are."""
+    import time
+
+    lo, m, t, d = cfg.loss, cfg.model, cfg.train, cfg.data
+    if m.conditional and num_classes <= 0:
+        raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")
+    overrides = {
+        "data.channels": d.channels or channels,
+        "model.d_norm": m.d_norm if m.d_norm != "auto" else ("none" if lo.name == "wgan-gp" else "batch"),
+        "model.num_classes": (m.num_classes or num_classes) if m.conditional else 0,
+        "loss.n_critic": lo.n_critic or (5 if lo.name == "wgan-gp" else 1),
+        "train.amp": t.amp if t.amp != "auto" else ("bf16" if use_gpu else "none"),
+        "train.use_gpu": bool(use_gpu),
+        "run.name": cfg.run.name or f"{d.dataset.split(':')[0]}-{lo.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+    }
+    return validate(replace(cfg, overrides))

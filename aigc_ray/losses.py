@@ -1,0 +1,86 @@
+"""GAN losses as pure functions of networks and tensors, selected by name.
+
+    d_loss, g_loss = LOSSES["wgan-gp"]
+    loss, stats = d_loss(D, real, fake, y, cfg.loss)    # stats: detached tensors for logging
+
+D returns raw scores (logits / critic values), one per image. Every loss here is minimised.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LossConfig
+
+Stats = dict[str, torch.Tensor]
+
+
+def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """E[(||grad_x D(x_hat)||_2 - 1)^2] on random interpolates (Gulrajani et al. 2017).
+
+    torch.autograd.grad(create_graph=True) keeps the penalty differentiable for D's own backward;
+    computed in float32 even under autocast, since fp16 gradients of gradients underflow.
+    """
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    x_hat = (alpha * real.float() + (1 - alpha) * fake.float()).requires_grad_(True)
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        out = D(x_hat, y)
+    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def _scores(D, real, fake, y):
+    return D(real, y).float(), D(fake, y).float()
+
+
+# Non-saturating DCGAN loss: D maximises log D(x) + log(1 - D(G(z))); G maximises log D(G(z)).
+def bce_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    s_real, s_fake = _scores(D, real, fake, y)
+    loss = F.softplus(-s_real).mean() + F.softplus(s_fake).mean()
+    return loss, {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
+
+
+def bce_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    return F.softplus(-D(fake, y).float()).mean(), {}
+
+
+# WGAN-GP: the critic estimates the Wasserstein-1 distance, kept 1-Lipschitz by the gradient penalty.
+def wgan_gp_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    s_real, s_fake = _scores(D, real, fake, y)
+    gp = gradient_penalty(D, real, fake, y)
+    wasserstein = s_real.mean() - s_fake.mean()
+    return -wasserstein + cfg.gp_weight * gp, {"wasserstein": wasserstein.detach(), "gp": gp.detach()}
+
+
+def wgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    return -D(fake, y).float().mean(), {}
+
+
+# Hinge loss (Lim & Ye 2017; SAGAN, BigGAN).
+def hinge_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    s_real, s_fake = _scores(D, real, fake, y)
+    loss = F.relu(1 - s_real).mean() + F.relu(1 + s_fake).mean()
+    return loss, {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
+
+
+# Least squares (Mao et al. 2017): targets 1 for real, 0 for fake.
+def lsgan_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    s_real, s_fake = _scores(D, real, fake, y)
+    loss = 0.5 * (s_real - 1).pow(2).mean() + 0.5 * s_fake.pow(2).mean()
+    return loss, {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
+
+
+def lsgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    return 0.5 * (D(fake, y).float() - 1).pow(2).mean(), {}
+
+
+LOSSES: dict[str, tuple[Callable, Callable]] = {
+    "bce": (bce_d, bce_g),
+    "wgan-gp": (wgan_gp_d, wgan_g),
+    "hinge": (hinge_d, wgan_g),  # G's hinge loss is the critic's -mean score, as in WGAN
+    "lsgan": (lsgan_d, lsgan_g),
+}

@@ -1,0 +1,433 @@
+"""Data-parallel GAN training: a Ray-free train step, the per-worker Ray Train loop, and the driver.
+
+    aigc-ray train --dataset fashion-mnist --loss wgan-gp --num-workers 2 --steps 2000 --name fm-wgan
+
+Each of N workers holds its own shard of the data and a DDP-wrapped G and D; the global batch is
+train.batch_size x N. Every train.log_every steps the workers report step, images seen, images/s
+and losses (averaged over workers); every train.ckpt_every steps rank 0 also writes a checkpoint
+with a sample grid. Running the same run name again resumes from its latest checkpoint, and a dead
+worker restarts the group from the last checkpoint (train.max_failures times).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import data as data_mod
+from .config import Config, ConfigError, resolve, validate
+from .images import grid, png_bytes, to_uint8
+from .losses import LOSSES
+from .models import build, generate, noise
+
+GRID_SIZE = 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# The train step: plain PyTorch, no Ray. Runs on one CPU in a unit test and inside every Ray worker.
+
+
+@dataclass
+class TrainState:
+    g: nn.Module  # G, DDP-wrapped when distributed
+    d: nn.Module  # D, DDP-wrapped when distributed
+    g_ema: nn.Module | None  # exponential moving average of G's weights (never wrapped)
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    step: int = 0  # G updates done
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return getattr(m, "module", m)
+
+
+def build_state(cfg: Config, device: torch.device | str = "cpu",
+                wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> TrainState:
+    """Fresh networks, optimisers and EMA for a resolved config; `wrap` adds DDP."""
+    torch.manual_seed(cfg.train.seed)
+    g, d = build(cfg)
+    g, d = g.to(device), d.to(device)
+    g_ema = copy.deepcopy(g).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
+    o = cfg.optim
+    opt_g = torch.optim.Adam(g.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    fp16 = cfg.train.amp == "fp16"
+    dev = torch.device(device).type
+    return TrainState(wrap(g), wrap(d), g_ema, opt_g, opt_d,
+                      torch.amp.GradScaler(dev, enabled=fp16), torch.amp.GradScaler(dev, enabled=fp16))
+
+
+def _autocast(cfg: Config, device_type: str):
+    if cfg.train.amp in ("bf16", "fp16"):
+        return torch.autocast(device_type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def update_ema(g_ema: nn.Module, g: nn.Module, decay: float, step: int) -> None:
+    """p_ema <- decay * p_ema + (1 - decay) * p, with a warm-up so early samples are not all init."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(g_ema.parameters(), g.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+    for be, b in zip(g_ema.buffers(), g.buffers()):
+        be.copy_(b)
+
+
+def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) -> dict[str, torch.Tensor]:
+    """n_critic D updates then one G update; returns detached stats (loss_d, loss_g, loss extras)."""
+    d_loss_fn, g_loss_fn = LOSSES[cfg.loss.name]
+    g, d, m = state.g, state.d, cfg.model
+    amp = _autocast(cfg, next(unwrap(g).parameters()).device.type)
+    stats: dict[str, torch.Tensor] = {}
+
+    # Update D: minimise its loss on real images and G's (detached) fakes, n_critic times.
+    for i in range(cfg.loss.n_critic):
+        real, y = next_batch()
+        device = real.device
+        z = torch.randn(real.shape[0], m.latent_dim, device=device)
+        y = y if m.conditional else None
+        last = i == cfg.loss.n_critic - 1
+        with amp, torch.set_grad_enabled(last):  # the last fakes keep their graph for G's update
+            fake = g(z, y)
+        with amp:
+            loss_d, d_stats = d_loss_fn(d, real, fake.detach(), y, cfg.loss)
+        state.opt_d.zero_grad(set_to_none=True)
+        state.scaler_d.scale(loss_d).backward()
+        state.scaler_d.step(state.opt_d)
+        state.scaler_d.update()
+
+    # Update G: minimise its loss through D. D is called unwrapped and frozen, so no D gradients
+    # are computed or all-reduced; G's DDP wrapper still averages G's gradients across workers.
+    d_plain = unwrap(d).requires_grad_(False)
+    try:
+        with amp:
+            loss_g, g_stats = g_loss_fn(d_plain, fake, y, cfg.loss)
+    finally:
+        d_plain.requires_grad_(True)
+    state.opt_g.zero_grad(set_to_none=True)
+    state.scaler_g.scale(loss_g).backward()
+    state.scaler_g.step(state.opt_g)
+    state.scaler_g.update()
+
+    state.step += 1
+    if state.g_ema is not None:
+        update_ema(state.g_ema, unwrap(g), cfg.train.ema_decay, state.step)
+    stats.update(d_stats, **g_stats, loss_d=loss_d.detach().float(), loss_g=loss_g.detach().float())
+    return stats
+
+
+def state_dict(state: TrainState) -> dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "g": unwrap(state.g).state_dict(), "d": unwrap(state.d).state_dict(),
+        "g_ema": state.g_ema.state_dict() if state.g_ema is not None else None,
+        "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
+        "scaler_g": state.scaler_g.state_dict(), "scaler_d": state.scaler_d.state_dict(),
+        "step": state.step, "rng": rng,
+    }
+
+
+def load_state_dict(state: TrainState, sd: dict[str, Any], restore_rng: bool = True) -> None:
+    unwrap(state.g).load_state_dict(sd["g"])
+    unwrap(state.d).load_state_dict(sd["d"])
+    if state.g_ema is not None:
+        state.g_ema.load_state_dict(sd["g_ema"] if sd.get("g_ema") is not None else sd["g"])
+    state.opt_g.load_state_dict(sd["opt_g"])
+    state.opt_d.load_state_dict(sd["opt_d"])
+    if sd.get("scaler_g"):
+        state.scaler_g.load_state_dict(sd["scaler_g"])
+        state.scaler_d.load_state_dict(sd["scaler_d"])
+    state.step = int(sd["step"])
+    if restore_rng:
+        torch.set_rng_state(sd["rng"]["cpu"])
+        if "cuda" in sd["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(sd["rng"]["cuda"])
+
+
+def fixed_noise(cfg: Config, n: int = GRID_SIZE):
+    """The run's sample-grid noise: the same every checkpoint, so progress shows image to image."""
+    z = noise(n, cfg.model.latent_dim, seed=cfg.train.seed + 12345)
+    y = torch.arange(n) % cfg.model.num_classes if cfg.model.conditional else None
+    return z, y
+
+
+def sample_grid(state: TrainState, cfg: Config) -> bytes:
+    g = state.g_ema if state.g_ema is not None else unwrap(state.g)
+    device = next(g.parameters()).device
+    z, y = fixed_noise(cfg)
+    x = generate(g, z.to(device), None if y is None else y.to(device))
+    return png_bytes(grid(to_uint8(x), nrow=8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress and TensorBoard: called by the driver-side callback, or by the loop in local mode.
+
+
+def progress_line(m: dict[str, Any], total: int) -> str:
+    extra = f" W={m['wasserstein']:.3f}" if "wasserstein" in m else ""
+    evals = "".join(f" {k}={m[k]:.2f}" for k in ("fid", "fid_domain") if k in m)
+    return (f"[aigc_ray] step {m['step']}/{total} ({100 * m['step'] / total:.0f}%) "
+            f"loss_d={m['loss_d']:.3f} loss_g={m['loss_g']:.3f}{extra}{evals} "
+            f"{m['images_per_s']:.0f} img/s, {m['images_seen']} images seen")
+
+
+class Logger:
+    """Prints progress lines and writes the same metrics as TensorBoard events under <run>/tensorboard."""
+
+    def __init__(self, run_dir: str | None, total_steps: int, echo: bool = True):
+        self.run_dir, self.total, self.echo, self._writer = run_dir, total_steps, echo, None
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.echo:
+            print(progress_line(metrics, self.total), flush=True)
+        if self.run_dir and "://" not in self.run_dir:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(Path(self.run_dir) / "tensorboard"))
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._writer.add_scalar(k, v, metrics["step"])
+            self._writer.flush()
+
+
+def _progress_callback(run_dir: str, total: int, echo: bool):
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        """Runs on the Ray Train controller: one line per report, and TensorBoard events."""
+
+        def __init__(self):
+            self.logger = Logger(run_dir, total, echo)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0]:
+                self.logger.log(metrics[0])
+
+    return Progress()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-worker loop: plain PyTorch plus the marked Ray Train steps.
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = validate(Config.from_dict(config["cfg"]))
+    local, run_dir = config["local"], config["run_dir"]
+    t = cfg.train
+    # [1] Where this worker stands: rank, world size, device.
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    torch.set_num_threads(t.cpus_per_worker)
+
+    data = data_mod.load(cfg.data, "train").shard(rank, world)
+
+    # [2] DDP-wrap G and D. No buffer sync in forward: D is called on real and fake images before one
+    #     backward, and a buffer broadcast between those calls breaks autograd (BatchNorm stats).
+    def wrap(m):
+        return ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"forward_sync_buffers": False})
+
+    state = build_state(cfg, device, wrap=wrap if not local else (lambda m: m))
+
+    # [3] Resume from the latest checkpoint of this run (a re-run of the same name, or a restart).
+    resume = ray.train.get_checkpoint() if not local else _local_latest(run_dir)
+    if resume is not None:
+        with resume.as_directory() as cdir:
+            load_state_dict(state, ckpt.load(cdir, map_location=device), restore_rng=rank == 0)
+        if rank != 0:
+            torch.manual_seed(t.seed + 7919 * rank + state.step)
+    else:
+        torch.manual_seed(t.seed + 7919 * rank)
+    batches = data_mod.Batches(data, t.batch_size, seed=t.seed * 1000 + rank,
+                               start=state.step * cfg.loss.n_critic, device=device)
+    logger = Logger(run_dir, t.steps, config["echo"]) if local else None
+
+    window: dict[str, torch.Tensor] = {}
+    n_window, t0 = 0, time.perf_counter()
+    while state.step < t.steps:
+        stats = train_step(state, batches, cfg)
+        for k, v in stats.items():
+            window[k] = window.get(k, 0) + v
+        n_window += 1
+        s = state.step
+        is_ckpt = s % t.ckpt_every == 0 or s == t.steps
+        if not (s % t.log_every == 0 or is_ckpt):
+            continue
+        # Average the window's stats over steps and workers (one small all-reduce).
+        keys = sorted(window)
+        vec = torch.stack([window[k] for k in keys]).float() / n_window
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(vec)
+            vec /= world
+        elapsed = time.perf_counter() - t0
+        metrics = {k: float(v) for k, v in zip(keys, vec.tolist())}
+        metrics.update(step=s, images_seen=s * cfg.loss.n_critic * t.batch_size * world,
+                       images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / elapsed,
+                       epoch=batches.i // batches.per_epoch)
+        checkpoint, tmp = None, None
+        if is_ckpt:
+            if t.eval_every and s % t.eval_every == 0:
+                metrics.update(_evaluate(state, cfg, rank, world, device))
+            if rank == 0:
+                tmp = Path(tempfile.mkdtemp(prefix="aigc_ckpt_"))
+                ckpt.save(tmp, state=state_dict(state), cfg=cfg, grid_png=sample_grid(state, cfg), metrics=metrics)
+                checkpoint = _persist_local(tmp, run_dir, s, t.keep_checkpoints) if local else \
+                    ray.train.Checkpoint.from_directory(str(tmp))
+        if logger:
+            logger.log(metrics)
+        # [4] Report metrics (a barrier: every worker calls it) and rank 0's checkpoint.
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{s:08d}" if checkpoint and not local else None)
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        window, n_window, t0 = {}, 0, time.perf_counter()
+
+
+def _evaluate(state: TrainState, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
+    """The configured metric on G_ema, each worker generating its share of the samples."""
+    from . import metrics as metrics_mod
+
+    g = state.g_ema if state.g_ema is not None else unwrap(state.g)
+    return metrics_mod.evaluate_in_training(g, cfg, rank=rank, world=world, device=device)
+
+
+def _local_latest(run_dir: str):
+    import ray.train
+
+    try:
+        return ray.train.Checkpoint.from_directory(str(ckpt.find(run_dir)))
+    except ckpt.CheckpointError:
+        return None
+
+
+def _persist_local(tmp: Path, run_dir: str, step: int, keep: int):
+    """Local mode (no Ray storage): move the checkpoint into the run folder ourselves, prune old ones."""
+    import ray.train
+
+    dest = Path(run_dir) / f"checkpoint_{step:08d}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(tmp, dest)
+    if keep:
+        done = sorted(p for p in Path(run_dir).glob("checkpoint_*") if ckpt.is_complete(p))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return ray.train.Checkpoint.from_directory(str(dest))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def check_data(cfg: Config) -> None:
+    """Make sure the dataset is there (downloading or decoding it once if needed), before Ray starts."""
+    data_mod.ensure(cfg.data)
+
+
+def check_cluster(cfg: Config) -> None:
+    """Ask for no more workers than the cluster can ever place: Ray would wait for them forever."""
+    import ray
+
+    t = cfg.train
+    if t.num_workers == 0:
+        return
+    res = ray.cluster_resources()
+    need, have = t.num_workers * t.cpus_per_worker, res.get("CPU", 0)
+    autoscaling = bool(os.environ.get("AIGC_RAY_AUTOSCALING"))
+    if need > have and not autoscaling:
+        raise ConfigError(f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker} CPUs need {need:g} "
+                          f"CPUs, the cluster has {have:g}; lower --num-workers (or set AIGC_RAY_AUTOSCALING=1 "
+                          "on an autoscaling cluster)")
+    if t.use_gpu and t.num_workers > res.get("GPU", 0) and not autoscaling:
+        raise ConfigError(f"train.use_gpu: {t.num_workers} GPU workers, the cluster has {res.get('GPU', 0):g} GPUs")
+
+
+def prepare(cfg: Config) -> Config:
+    """Validate and resolve 'auto' values (channels, classes, GPU, AMP, name) against data and cluster."""
+    import ray
+
+    cfg = validate(cfg)
+    channels, num_classes = data_mod.info(cfg.data)
+    use_gpu = cfg.train.use_gpu
+    if use_gpu is None:
+        use_gpu = (ray.cluster_resources().get("GPU", 0) > 0) if cfg.train.num_workers else torch.cuda.is_available()
+    return resolve(cfg, channels=channels, num_classes=num_classes, use_gpu=use_gpu)
+
+
+def run_dir_of(cfg: Config) -> str:
+    storage = cfg.run.storage
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{cfg.run.name}"
+    return str(Path(storage).expanduser().resolve() / cfg.run.name)
+
+
+def _check_resumable(cfg: Config, run_dir: str) -> None:
+    """A re-run may change how long and how fast it trains, not what it trains."""
+    saved = Path(run_dir) / ckpt.CONFIG_FILE
+    if "://" in run_dir or not saved.exists():
+        return
+    old = json.loads(saved.read_text())
+    new = cfg.to_dict()
+    for section in ("data", "model", "loss"):
+        for k, v in new[section].items():
+            if old.get(section, {}).get(k, v) != v:
+                raise ConfigError(f"run {cfg.run.name!r} exists with {section}.{k}={old[section][k]!r}, "
+                                  f"not {v!r}: resume it unchanged or pick a new --name")
+
+
+def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run cfg.run.name; returns its final metrics and latest checkpoint path."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = prepare(cfg)
+    t, run_dir = cfg.train, run_dir_of(cfg)
+    _check_resumable(cfg, run_dir)
+    if "://" not in run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / ckpt.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    local = t.num_workers == 0
+    cbs = list(callbacks or [])
+    if not local:
+        cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet))
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=str(Path(run_dir).parent) if "://" not in run_dir else cfg.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints or None),
+            callbacks=cbs,
+        ),
+    )
+    result = trainer.fit()
+    latest = result.checkpoint.path if result.checkpoint is not None else str(ckpt.find(run_dir))
+    meta = ckpt.read_meta(latest) if "://" not in latest else {"step": None, "metrics": {}}
+    metrics = {**meta.get("metrics", {}), **(result.metrics or {})}
+    return {"checkpoint": latest, "run_dir": run_dir, "step": metrics.get("step", meta.get("step")),
+            "images_per_s": metrics.get("images_per_s"), "loss_d": metrics.get("loss_d"),
+            "loss_g": metrics.get("loss_g"), "grid": str(Path(latest) / ckpt.GRID_FILE),
+            **{k: v for k, v in metrics.items() if k in ("fid", "fid_domain", "wasserstein")}}

@@ -1,0 +1,32 @@
+"""Shared fixtures: one Ray cluster for the whole session (ray.init costs ~7 s here), tiny configs."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("AIGC_RAY_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING", include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny mnist-5k config writing under tmp_path: small nets, small batches, few steps."""
+    from aigc_ray.config import Config, replace
+
+    def make(**overrides):
+        base = {"data.dataset": "mnist-5k", "model.ngf": 8, "model.ndf": 8, "model.latent_dim": 16,
+                "train.batch_size": 16, "train.steps": 4, "train.log_every": 2, "train.ckpt_every": 2,
+                "train.num_workers": 0, "run.name": "tiny", "run.storage": str(tmp_path / "runs")}
+        base.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return replace(Config(), base)
+
+    return make
