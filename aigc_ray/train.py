@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -234,6 +235,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     cfg = validate(Config.from_dict(config["cfg"]))
     local, run_dir = config["local"], config["run_dir"]
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress line says it once, on the driver
     t = cfg.train
     # [1] Where this worker stands: rank, world size, device.
     ctx = ray.train.get_context()
