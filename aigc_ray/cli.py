@@ -132,6 +132,31 @@ def cmd_demo(args) -> dict:
     return out
 
 
+def cmd_eval(args) -> dict:
+    from . import metrics
+
+    if args.num_workers:
+        init_ray(args.address)
+    r = metrics.evaluate(args.checkpoint, args.metric, _positive(args.num_samples, "--num-samples"),
+                         split=args.split, num_workers=args.num_workers, seed=args.seed)
+    if not args.json:
+        std = f" +- {r['std']:.4g}" if "std" in r else ""
+        print(f"{args.metric} = {r['value']:.4f}{std} ({r['num_samples']} samples, step {r['step']}, {r['seconds']} s)")
+    return r
+
+
+def cmd_fid_ref(args) -> dict:
+    from . import metrics
+    from .config import load_config
+
+    cfg = load_config(None, {"data.dataset": args.dataset, "data.image_size": args.image_size})
+    if args.num_workers:
+        init_ray(args.address)
+    metric = {"inception": "fid", "domain": "fid-domain"}[args.extractor]
+    ref = metrics.reference(cfg.data, args.split, metric, num_workers=args.num_workers)
+    return {"reference": ref["path"], "images": ref["stats"].n, "extractor": args.extractor}
+
+
 def _positive(v: int, name: str) -> int:
     if v <= 0:
         raise ConfigError(f"{name}: must be > 0, got {v}")
@@ -161,6 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png", help="PNG to write [grid.png]")
     s.add_argument("--json", action="store_true", help="end with one JSON line of results")
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="FID / fid-domain / KID / IS of a checkpoint's G_ema")
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    e.add_argument("--metric", default="fid", choices=["fid", "fid-domain", "kid", "is"],
+                   help="fid: standard Inception FID; fid-domain: FID in the domain classifier's features [fid]")
+    e.add_argument("--num-samples", type=int, default=10000, help="generated images [10000]")
+    e.add_argument("--split", default="test", choices=["train", "test"], help="reference split [test]")
+    e.add_argument("--num-workers", type=int, default=0, help="Ray tasks sharing the work [0: this process]")
+    e.add_argument("--seed", type=int, default=0, help="noise seed of the generated set [0]")
+    e.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    e.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("fid-ref", help="compute (and cache) reference statistics of a dataset split")
+    r.add_argument("--dataset", default="fashion-mnist")
+    r.add_argument("--split", default="test", choices=["train", "test"])
+    r.add_argument("--image-size", type=int, default=32)
+    r.add_argument("--extractor", default="inception", choices=["inception", "domain"])
+    r.add_argument("--num-workers", type=int, default=0, help="Ray tasks sharing the work [0: this process]")
+    r.add_argument("--address", default=None)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_fid_ref)
 
     dm = sub.add_parser("demo", help="the main job: train on Fashion-MNIST with 2 workers on a local cluster")
     dm.add_argument("--steps", type=int, default=1000, help="G updates [1000: ~4 min on 2 CPUs]")

@@ -402,9 +402,12 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False) -> d
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .metrics import prepare_in_training
+
     cfg = prepare(cfg)
     t, run_dir = cfg.train, run_dir_of(cfg)
     _check_resumable(cfg, run_dir)
+    prepare_in_training(cfg)  # the domain classifier and reference stats, before any worker needs them
     if "://" not in run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / ckpt.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -82,8 +82,10 @@ def test_checkpoint_is_self_describing(tiny):
 
 
 def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_cluster, tiny):
-    cfg = tiny(train__num_workers=2, train__steps=6, train__log_every=3, train__ckpt_every=3, run__name="ddp")
+    cfg = tiny(train__num_workers=2, train__steps=6, train__log_every=3, train__ckpt_every=3, run__name="ddp",
+               train__eval_every=6, train__eval_samples=64)
     first = train.fit(cfg, quiet=True)
+    assert first["fid_domain"] > 0  # the workers generated their shares and all-reduced the statistics
     run = Path(first["run_dir"])
     assert first["step"] == 6
     ckpts = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
@@ -96,7 +98,7 @@ def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_clust
 
     w6 = ckpt.load(first["checkpoint"])
     second = train.fit(tiny(train__num_workers=2, train__steps=9, train__log_every=3, train__ckpt_every=3,
-                            run__name="ddp"), quiet=True)
+                            train__eval_every=6, train__eval_samples=64, run__name="ddp"), quiet=True)
     assert second["step"] == 9
     w9 = ckpt.load(second["checkpoint"])
     assert w9["opt_g"]["state"][0]["step"] == 9 and w9["opt_d"]["state"][0]["step"] == 9  # Adam continued
