@@ -24,11 +24,11 @@ def _flag(key: str) -> str:
     return f.metadata.get("flag") or "--" + key.split(".")[1].replace("_", "-")
 
 
-def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per config field (the field's comment is its help); only given flags override."""
     p.add_argument("--config", metavar="FILE", help="YAML or JSON config; flags override it")
     for key, f in all_keys().items():
-        if only and key.split(".")[0] not in only:
+        if key.startswith(skip):
             continue
         flag, dest, helptext = _flag(key), key.replace(".", "__"), f"{f.metadata['help']} [{f.default}]"
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -84,8 +84,9 @@ def cmd_train(args) -> dict:
 
 
 def cmd_sample(args) -> dict:
-    from .images import grid, save_png, to_uint8
-    from .models import generate, noise
+    import torch
+
+    from .images import grid, save_png
 
     n = _positive(args.n, "--n")
     if args.url:
@@ -96,23 +97,54 @@ def cmd_sample(args) -> dict:
 
         Path(args.out).write_bytes(png)
         return {"out": args.out, "n": n, "seed": args.seed, "url": args.url}
-    from .checkpoint import load_generator
+    from .serve import Sampler
 
     if not args.checkpoint:
         raise ConfigError("sample: give --checkpoint PATH (or --url of a running service)")
-    g, cfg, meta = load_generator(args.checkpoint)
-    y = None
-    if cfg.model.conditional:
-        import torch
+    sampler = Sampler(args.checkpoint)
+    m = sampler.cfg.model
+    labels = None
+    if args.cls is not None:
+        if not m.conditional:
+            raise ConfigError("--class: this checkpoint's model is not class-conditional")
+        if not 0 <= args.cls < m.num_classes:
+            raise ConfigError(f"--class: must be in [0, {m.num_classes}), got {args.cls}")
+        labels = [args.cls] * n
+    # Image i comes from noise(seed + i), exactly as the service draws it: the same seed, the same grid.
+    images = sampler.forward(sampler.noise(list(range(args.seed, args.seed + n)), args.truncation), labels)
+    out = save_png(args.out, grid(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    return {"out": str(out), "n": n, "seed": args.seed, "checkpoint": sampler.path, "step": sampler.meta["step"]}
 
-        y = torch.full((n,), args.cls if args.cls is not None else 0, dtype=torch.long)
-        if not 0 <= int(y[0]) < cfg.model.num_classes:
-            raise ConfigError(f"--class: must be in [0, {cfg.model.num_classes}), got {args.cls}")
-    elif args.cls is not None:
-        raise ConfigError("--class: this checkpoint's model is not class-conditional")
-    z = noise(n, cfg.model.latent_dim, seed=args.seed, truncation=args.truncation)
-    out = save_png(args.out, grid(to_uint8(generate(g, z, y))))
-    return {"out": str(out), "n": n, "seed": args.seed, "checkpoint": meta["path"], "step": meta["step"]}
+
+def cmd_serve(args) -> dict:
+    """Serve a checkpoint (or best.json) on a local Ray cluster until Ctrl-C."""
+    import time
+
+    from ray import serve
+
+    from .serve import ServeArgs, build_app
+
+    if not (args.checkpoint or args.best):
+        raise ConfigError("serve: give --checkpoint PATH or --best best.json")
+    from .checkpoint import find
+
+    find(json.loads(open(args.best).read())["checkpoint"] if args.best else args.checkpoint)
+    init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n),
+                    min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
+                    num_gpus=args.num_gpus)
+    serve.run(app, name="aigc", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C stops.", flush=True)
+    if args.detach:
+        return {"url": url}
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return {"url": url}
 
 
 def cmd_demo(args) -> dict:
@@ -157,6 +189,25 @@ def cmd_fid_ref(args) -> dict:
     return {"reference": ref["path"], "images": ref["stats"].n, "extractor": args.extractor}
 
 
+def cmd_tune(args) -> dict:
+    from . import tune
+
+    cfg = config_from_args(args)
+    space = tune.load_space(args.search_space)
+    tune.parse_space(space)  # a bad space fails before Ray starts
+    from . import train
+
+    train.check_data(cfg)
+    init_ray(args.address)
+    best = tune.search(cfg, name=args.name or "search", storage=cfg.run.storage, num_trials=args.num_trials,
+                       max_steps=args.max_steps, metric=args.metric, space=space,
+                       workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+                       max_concurrent=args.max_concurrent, searcher=args.searcher,
+                       eval_every=cfg.train.eval_every, eval_samples=cfg.train.eval_samples)
+    print(tune.budget_line(best))
+    return best
+
+
 def _positive(v: int, name: str) -> int:
     if v <= 0:
         raise ConfigError(f"{name}: must be > 0, got {v}")
@@ -186,6 +237,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png", help="PNG to write [grid.png]")
     s.add_argument("--json", action="store_true", help="end with one JSON line of results")
     s.set_defaults(fn=cmd_sample)
+
+    tn = sub.add_parser("tune", help="search hyperparameters with Ray Tune, ranked by FID (ASHA early stopping)")
+    add_config_flags(tn, skip=("run.name", "train.steps", "train.num_workers", "train.use_gpu", "train.eval_metric"))
+    tn.add_argument("--name", default="search", help="search name; the same name again resumes it [search]")
+    tn.add_argument("--num-trials", type=int, default=8, help="trials (samples of the space) [8]")
+    tn.add_argument("--max-steps", type=int, default=3000, help="steps of a trial that ASHA never stops [3000]")
+    tn.add_argument("--metric", default="fid-domain", choices=["fid-domain", "fid"], help="rank by [fid-domain]")
+    tn.add_argument("--search-space", metavar="FILE", help="YAML search space (replaces the default)")
+    tn.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers in each trial [1]")
+    tn.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (one per worker) [0]")
+    tn.add_argument("--max-concurrent", type=int, default=0, help="trials at once [0: as the CPUs allow]")
+    tn.add_argument("--searcher", default="random", choices=["random", "optuna"], help="[random]")
+    tn.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    tn.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    tn.set_defaults(fn=cmd_tune)
+
+    sv = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (HTTP, batching, autoscaling)")
+    sv.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest)")
+    sv.add_argument("--best", help="best.json of a search")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1]")
+    sv.add_argument("--port", type=int, default=8000, help="[8000]")
+    sv.add_argument("--max-n", type=int, default=64, help="most images per request [64]")
+    sv.add_argument("--min-replicas", type=int, default=1)
+    sv.add_argument("--max-replicas", type=int, default=1)
+    sv.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica [1]")
+    sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica [0]")
+    sv.add_argument("--detach", action="store_true", help="return once deployed (the cluster keeps serving)")
+    sv.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    sv.add_argument("--json", action="store_true")
+    sv.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("eval", help="FID / fid-domain / KID / IS of a checkpoint's G_ema")
     e.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")

@@ -397,8 +397,12 @@ def _check_resumable(cfg: Config, run_dir: str) -> None:
                                   f"not {v!r}: resume it unchanged or pick a new --name")
 
 
-def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run cfg.run.name; returns its final metrics and latest checkpoint path."""
+def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
+        keep_best_by: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the run cfg.run.name; returns its final metrics and latest checkpoint path.
+
+    keep_best_by: a metric (e.g. "fid_domain") by which Ray keeps the best checkpoints, not the newest.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -424,7 +428,9 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False) -> d
             name=cfg.run.name,
             storage_path=str(Path(run_dir).parent) if "://" not in run_dir else cfg.run.storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints or None),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints or None, checkpoint_score_attribute=keep_best_by,
+                checkpoint_score_order="min"),
             callbacks=cbs,
         ),
     )

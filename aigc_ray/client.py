@@ -1,0 +1,75 @@
+"""A small client for the aigc_ray sampling service (standard library only).
+
+    c = Client("http://127.0.0.1:8000")
+    png = c.grid(n=16, seed=0)                  # bytes of one PNG grid
+    arrays = c.generate(n=4, seed=1, format="npy")   # uint8 (4, H, W, C)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .config import ConfigError
+
+
+class ServiceError(ConfigError):
+    """The service refused a request (4xx/5xx) or could not be reached; the message says which."""
+
+
+class Client:
+    def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, timeout: float = 60):
+        self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, str]:
+        headers = {"content-type": "application/json"}
+        if self.model:
+            headers["serve_multiplexed_model_id"] = self.model
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.read(), r.headers.get("content-type", "")
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read()).get("error", e.reason)
+            except ValueError:
+                reason = e.reason
+            raise ServiceError(f"{self.url}{path}: {e.code} {reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ServiceError(f"{self.url}: cannot reach the service ({getattr(e, 'reason', e)})") from None
+
+    def generate(self, n: int = 1, seed: int = 0, format: str = "png", truncation: float | None = None,
+                 cls: int | None = None) -> Any:
+        body: dict[str, Any] = {"n": n, "seed": seed, "format": format}
+        if truncation is not None:
+            body["truncation"] = truncation
+        if cls is not None:
+            body["class"] = cls
+        content, _ = self._request("POST", "/generate", body)
+        if format == "npy":
+            import numpy as np
+
+            return np.load(io.BytesIO(content))
+        if format == "json":
+            return json.loads(content)
+        return content
+
+    def grid(self, n: int = 16, seed: int = 0, truncation: float | None = None, cls: int | None = None) -> bytes:
+        return self.generate(n=n, seed=seed, format="grid", truncation=truncation, cls=cls)
+
+    def interpolate(self, seed_a: int, seed_b: int, steps: int = 8, format: str = "grid") -> bytes:
+        return self._request("POST", "/interpolate", {"seed_a": seed_a, "seed_b": seed_b, "steps": steps,
+                                                      "format": format})[0]
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self._request("GET", "/info")[0])
+
+    def healthy(self) -> bool:
+        try:
+            return json.loads(self._request("GET", "/healthz")[0]).get("status") == "ok"
+        except ServiceError:
+            return False

@@ -1,0 +1,192 @@
+"""A real Ray Serve instance on a tiny checkpoint, queried over HTTP as apps and browsers would."""
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+URL = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny):
+    from aigc_ray import train
+
+    a = train.fit(tiny(run__name="serve-a", train__steps=4), quiet=True)["checkpoint"]
+    b = train.fit(tiny(run__name="serve-b", train__steps=2, train__seed=1), quiet=True)["checkpoint"]
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from aigc_ray.config import Config, replace
+
+    root = tmp_path_factory.mktemp("serve-runs")
+
+    def make(**kw):
+        base = {"data.dataset": "mnist-5k", "model.ngf": 8, "model.ndf": 8, "model.latent_dim": 16,
+                "train.batch_size": 16, "train.log_every": 2, "train.ckpt_every": 2, "train.num_workers": 0,
+                "run.storage": str(root)}
+        base.update({k.replace("__", "."): v for k, v in kw.items()})
+        return replace(Config(), base)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, checkpoints):
+    from ray import serve
+
+    from aigc_ray.serve import ServeArgs, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    args = ServeArgs(checkpoint=checkpoints[0], models={"other": checkpoints[1]}, max_n=32)
+    serve.run(build_app(args, num_cpus=0.5), name="aigc", route_prefix="/")
+    yield args
+    serve.delete("aigc")
+
+
+def _png(content):
+    return Image.open(io.BytesIO(content))
+
+
+def test_each_endpoint_returns_what_it_promises(service):
+    with httpx.Client(base_url=URL, timeout=30) as c:
+        r = c.post("/generate", json={"n": 1, "seed": 3})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert _png(r.content).size == (32, 32)
+        r = c.post("/generate", json={"n": 9, "seed": 3, "format": "grid"})
+        assert _png(r.content).size == (3 * 34 + 2, 3 * 34 + 2)
+        arr = np.load(io.BytesIO(c.post("/generate", json={"n": 4, "seed": 3, "format": "npy"}).content))
+        assert arr.shape == (4, 32, 32, 1) and arr.dtype == np.uint8
+        j = c.post("/generate", json={"n": 3, "seed": 5, "format": "json"}).json()
+        assert j["seeds"] == [5, 6, 7] and len(j["images"]) == 3
+        assert all(_png(base64.b64decode(s)).size == (32, 32) for s in j["images"])
+        # Image i of a request is the n=1 image of seed + i.
+        single = np.asarray(_png(c.post("/generate", json={"n": 1, "seed": 6}).content))
+        assert np.array_equal(arr[3][:, :, 0], single)  # image 3 of seed 3 is the image of seed 6
+        assert _png(c.get("/sample.png", params={"n": 16, "seed": 0}).content).size == (4 * 34 + 2,) * 2
+        walk = c.post("/interpolate", json={"seed_a": 1, "seed_b": 2, "steps": 5})
+        assert _png(walk.content).size == (5 * 34 + 2, 34 + 2)
+        gif = c.post("/interpolate", json={"seed_a": 1, "seed_b": 2, "steps": 5, "format": "gif"})
+        assert gif.headers["content-type"] == "image/gif" and Image.open(io.BytesIO(gif.content)).n_frames >= 2
+        info = c.get("/info").json()
+        assert info["step"] == 4 and info["checkpoint"] == service.checkpoint and info["models"] == ["default", "other"]
+        assert c.get("/healthz").json()["status"] == "ok"
+        assert "Generate" in c.get("/").text
+        assert c.get("/docs").status_code == 200 and "/generate" in c.get("/openapi.json").text
+
+
+def test_same_seed_same_bytes_even_among_concurrent_requests(service):
+    body = {"n": 4, "seed": 42, "format": "npy"}
+    with httpx.Client(base_url=URL, timeout=60) as c:
+        alone = c.post("/generate", json=body).content
+
+        def noise_request(i):
+            return c.post("/generate", json={"n": 1 + i % 7, "seed": 1000 + i, "format": "npy"}).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            others = [pool.submit(noise_request, i) for i in range(48)]
+            mine = [pool.submit(lambda: c.post("/generate", json=body).content) for _ in range(8)]
+            assert all(f.result() == 200 for f in others)
+            assert all(f.result() == alone for f in mine)
+
+
+@pytest.mark.parametrize("kwargs,status,needle", [
+    ({"json": {"n": 0, "seed": 1}}, 422, "n:"),
+    ({"json": {"n": 33, "seed": 1}}, 422, "n: must be between 1 and 32"),
+    ({"json": {"n": 1, "seed": "abc"}}, 422, "seed:"),
+    ({"json": {"n": 1, "seed": 1.5}}, 422, "seed:"),
+    ({"json": {"n": 1, "seed": 1, "format": "bmp"}}, 422, "format:"),
+    ({"json": {"n": 2, "seed": 1, "format": "png"}}, 422, "use n=1"),
+    ({"json": {"n": 1, "seed": 1, "class": 3}}, 422, "not class-conditional"),
+    ({"json": {"n": 1, "seed": 1, "colour": "red"}}, 422, "colour"),
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, ""),
+    ({"content": b"x" * 10000, "headers": {"content-type": "application/json"}}, 413, "over"),
+    ({"json": {"n": 1, "seed": 1}, "headers": {"serve_multiplexed_model_id": "../../etc"}}, 404, "unknown model id"),
+])
+def test_bad_input_is_a_4xx_with_one_line(service, kwargs, status, needle):
+    r = httpx.post(URL + "/generate", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err and "\n" not in err
+    assert httpx.get(URL + "/healthz", timeout=30).status_code == 200  # the replica lives on
+
+
+def test_multiplexed_models_by_header(service):
+    h = {"serve_multiplexed_model_id": "other"}
+    with httpx.Client(base_url=URL, timeout=30) as c:
+        assert c.get("/info", headers=h).json()["step"] == 2
+        a = c.post("/generate", json={"n": 1, "seed": 1}).content
+        b = c.post("/generate", json={"n": 1, "seed": 1}, headers=h).content
+        assert a != b
+
+
+def test_hot_swap_changes_info_without_failed_requests(service, checkpoints):
+    from ray import serve
+
+    from aigc_ray.serve import build_app
+
+    statuses, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=URL, timeout=60) as c:
+            while not stop.is_set():
+                statuses.append(c.post("/generate", json={"n": 2, "seed": 7, "format": "grid"}).status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    serve.run(build_app(service, num_cpus=0.5, user_config={"checkpoint": checkpoints[1]}),
+              name="aigc", route_prefix="/")
+    deadline = time.time() + 60
+    while httpx.get(URL + "/info", timeout=30).json()["step"] != 2 and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert httpx.get(URL + "/info", timeout=30).json()["checkpoint"] == checkpoints[1]
+    assert len(statuses) > 10 and set(statuses) == {200}
+
+
+def test_replicas_grow_under_load(service, checkpoints):
+    from ray import serve
+
+    from aigc_ray.serve import build_app
+
+    serve.run(build_app(service, num_cpus=0.5, min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                        upscale_delay_s=1, downscale_delay_s=600, metrics_interval_s=0.5), name="aigc", route_prefix="/")
+
+    def running():
+        dep = serve.status().applications["aigc"].deployments["GeneratorService"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    assert running() == 1
+    stop, seen = threading.Event(), []
+
+    def load():
+        with httpx.Client(base_url=URL, timeout=60) as c:
+            while not stop.is_set():
+                seen.append(c.post("/generate", json={"n": 32, "seed": 1, "format": "npy"}).status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(12)]
+    for t in threads:
+        t.start()
+    deadline, grew = time.time() + 60, False
+    while time.time() < deadline and not grew:
+        grew = running() >= 2
+        time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert grew, "the replica count did not grow under load"
+    assert set(seen) == {200}
