@@ -129,6 +129,31 @@ def test_multiplexed_models_by_header(service):
         assert a != b
 
 
+def test_playground_page_in_a_real_headless_browser(service, tmp_path):
+    import os
+
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        page.goto(URL + "/")
+        page.wait_for_function("document.getElementById('info').textContent.includes('step 4')")
+        assert page.is_hidden("#grid")
+        page.fill("#n", "9")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=30000)
+        width = page.evaluate("document.getElementById('grid').naturalWidth")
+        page.screenshot(path=str(tmp_path / "playground.png"))
+        browser.close()
+    assert width == 3 * 34 + 2  # a 3x3 grid of 32x32 images, as /generate made it
+
+
 def test_hot_swap_changes_info_without_failed_requests(service, checkpoints):
     from ray import serve
 
