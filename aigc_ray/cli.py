@@ -14,9 +14,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
-from .config import ConfigError, all_keys, load_config
+from .config import ConfigError, RunError, all_keys, load_config
 
 
 def _flag(key: str) -> str:
@@ -152,20 +153,34 @@ def cmd_serve(args) -> dict:
     return {"url": url}
 
 
-def cmd_demo(args) -> dict:
-    """The main job: a local Ray cluster, Fashion-MNIST, 2 workers, until the grid shows clothing."""
-    from . import train
-    import time
+def cmd_pipeline(args) -> dict:
+    """search -> train the winner longer -> standard FID -> deploy -> report, on the connected cluster."""
+    from . import pipeline, train, tune
 
-    cfg = load_config(None, {"data.dataset": "fashion-mnist", "train.num_workers": 2, "train.steps": args.steps,
-                             "train.log_every": 100, "train.ckpt_every": 250,
-                             "run.name": f"demo-{time.strftime('%Y%m%d-%H%M%S')}", "run.storage": args.storage})
+    cfg = config_from_args(args)
+    space = tune.load_space(args.search_space) if args.search_space else None
+    tune.parse_space(space or pipeline.DEMO_SPACE)
     train.check_data(cfg)
-    init_ray(num_cpus=max(2, os.cpu_count() or 2))
-    train.check_cluster(cfg)
-    t0 = time.time()
-    out = train.fit(cfg)
-    print(f"\nDone in {time.time() - t0:.0f} s. Samples from G_ema after {out['step']} steps: {out['grid']}")
+    if args.ingress == "haproxy" and not args.address:
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    init_ray(args.address, num_cpus=args.num_cpus)
+    out = pipeline.run(cfg, name=args.name, storage=cfg.run.storage, num_trials=args.num_trials,
+                       search_steps=args.search_steps, final_steps=args.final_steps,
+                       final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
+                       fid_samples=args.fid_samples, ref_images=args.ref_images, space=space,
+                       max_concurrent=args.max_concurrent, host=args.host, port=args.port)
+    print(f"\nDone in {out['seconds']:.0f} s: standard FID {out['fid']:.2f} ({out['fid_samples']} samples).")
+    print(f"Playground: {out['playground']}\nReport:     {out['report']}", flush=True)
+    if args.keep_serving:
+        print("Serving until Ctrl-C.", flush=True)
+        import time
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return out
 
 
@@ -211,6 +226,26 @@ def cmd_tune(args) -> dict:
                        eval_every=cfg.train.eval_every, eval_samples=cfg.train.eval_samples)
     print(tune.budget_line(best))
     return best
+
+
+def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool) -> None:
+    p.add_argument("--name", default=name, help=f"pipeline folder under --storage [{name}]")
+    p.add_argument("--num-trials", type=int, default=4, help="search trials [4]")
+    p.add_argument("--search-steps", type=int, default=300, help="steps of a search trial (ASHA may stop it) [300]")
+    p.add_argument("--final-steps", type=int, default=1000, help="steps the winner is trained to [1000]")
+    p.add_argument("--final-workers", type=int, default=2, help="Ray Train workers for the winner [2]")
+    p.add_argument("--fid-samples", type=int, default=500, help="samples for the standard FID [500]")
+    p.add_argument("--ref-images", type=int, default=500, help="test images for the FID reference [500]")
+    p.add_argument("--search-space", metavar="FILE", help="YAML search space [learning rates and loss]")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once [0: as the CPUs allow]")
+    p.add_argument("--host", default="127.0.0.1", help="address Serve binds [127.0.0.1]")
+    p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port [8000]")
+    p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"], help="on a local cluster [haproxy]")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster [all]")
+    p.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    p.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=keep_serving,
+                   help="after the report, keep serving until Ctrl-C [on in a terminal]")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of results")
 
 
 def _positive(v: int, name: str) -> int:
@@ -297,11 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_fid_ref)
 
-    dm = sub.add_parser("demo", help="the main job: train on Fashion-MNIST with 2 workers on a local cluster")
-    dm.add_argument("--steps", type=int, default=1000, help="G updates [1000: ~4 min on 2 CPUs]")
-    dm.add_argument("--storage", default="runs", help="where the run folder goes [runs]")
-    dm.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    dm.set_defaults(fn=cmd_demo)
+    pl = sub.add_parser("pipeline", help="search -> train the winner -> standard FID -> deploy -> report")
+    add_config_flags(pl, skip=("run.name", "train.steps", "train.num_workers", "train.eval_metric"))
+    _pipeline_flags(pl, name="pipeline", keep_serving=False)
+    pl.set_defaults(fn=cmd_pipeline)
+
+    dm = sub.add_parser("demo", help="the main job: the pipeline on Fashion-MNIST, on a local Ray cluster")
+    dm.set_defaults(fn=cmd_pipeline, config=None, run__storage="runs", **{"train__eval_samples": 1000})
+    _pipeline_flags(dm, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", keep_serving=sys.stdin.isatty())
     return p
 
 
@@ -316,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aigc-ray: interrupted", file=sys.stderr)
         return 130
+    except RunError as e:  # a run that failed for real (e.g. train.TrainingFailed): one line, exit 1
+        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        return 1
     if result is not None:
         emit(result, getattr(args, "json", False))
     return 0

@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A config value a user gave is wrong; the message names the field and what is allowed."""
 
 
+class RunError(RuntimeError):
+    """A run failed for real (not a user mistake); the message says what stands and how to go on."""
+
+
 def opt(default: Any, help: str, *, flag: str | None = None):
     """A config field: its default, the comment shown by `--help`, and (rarely) a flag name of its own."""
     meta = {"help": help}

@@ -170,11 +170,14 @@ def compute(source: dict, metric: str, data_cfg: DataConfig, want: str = "stats"
 # Reference statistics, cached on disk.
 
 
-def reference(data_cfg: DataConfig, split: str, metric: str, num_workers: int = 0, log=print) -> dict:
-    """Stats and features of a dataset split under a metric's extractor; computed once, then cached."""
+def reference(data_cfg: DataConfig, split: str, metric: str, num_workers: int = 0, log=print,
+              max_images: int | None = None) -> dict:
+    """Stats and features of a dataset split (its first max_images) under a metric's extractor; cached."""
     from . import data
 
     ds = data.load(data_cfg, split)
+    if max_images:
+        ds.images = ds.images[:max_images]
     ext = extractor(metric, data_cfg)
     digest = hashlib.sha1(ds.images.numpy().tobytes()).hexdigest()[:12]
     safe = data_cfg.dataset.replace("/", "_").replace(":", "-").replace("~", "")
@@ -207,7 +210,7 @@ def reference(data_cfg: DataConfig, split: str, metric: str, num_workers: int = 
 
 
 def evaluate(checkpoint: str, metric: str, num_samples: int, split: str = "test", num_workers: int = 0,
-             seed: int = 0) -> dict:
+             seed: int = 0, ref_images: int | None = None) -> dict:
     """One metric of a checkpoint's G_ema against a dataset split; Ray tasks when num_workers > 0."""
     from .checkpoint import find, load_generator
 
@@ -226,13 +229,14 @@ def evaluate(checkpoint: str, metric: str, num_samples: int, split: str = "test"
         score, std = inception_score(compute(source, metric, cfg.data, "probs", num_workers))
         out.update(value=score, std=std, reference=f"{dom.id} ({dom.accuracy:.1%} test accuracy)")
     else:
-        ref = reference(cfg.data, split, metric, num_workers)
+        ref = reference(cfg.data, split, metric, num_workers, max_images=ref_images)
         if metric == "kid":
             mean, std = kid(ref["features"], compute(source, metric, cfg.data, "features", num_workers))
             out.update(value=mean, std=std)
         else:
             out.update(value=fid_from_stats(compute(source, metric, cfg.data, "stats", num_workers), ref["stats"]))
         out["reference"] = ref["path"]
+        out["reference_images"] = ref["stats"].n
     out[METRIC_KEYS[metric]] = out["value"]
     out["seconds"] = round(time.time() - t0, 2)
     return out

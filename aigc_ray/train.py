@@ -29,12 +29,16 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from .config import Config, ConfigError, resolve, validate
+from .config import Config, ConfigError, RunError, resolve, validate
 from .images import grid, png_bytes, to_uint8
 from .losses import LOSSES
 from .models import build, generate, noise
 
 GRID_SIZE = 64
+
+
+class TrainingFailed(RunError):
+    """A run failed more often than train.max_failures allows; the message says where it can resume."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     cfg = validate(Config.from_dict(config["cfg"]))
     local, run_dir = config["local"], config["run_dir"]
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress line says it once, on the driver
+    _quiet_ray_train_reports()
     t = cfg.train
     # [1] Where this worker stands: rank, world size, device.
     ctx = ray.train.get_context()
@@ -303,6 +307,13 @@ def worker_loop(config: dict[str, Any]) -> None:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         window, n_window, t0 = {}, 0, time.perf_counter()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report of every worker at INFO; our progress line says it once, on the driver."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by file
 
 
 def _evaluate(state: TrainState, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
@@ -398,10 +409,12 @@ def _check_resumable(cfg: Config, run_dir: str) -> None:
 
 
 def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
-        keep_best_by: str | None = None) -> dict[str, Any]:
+        keep_best_by: str | None = None, driver_cpus: float = 0.0) -> dict[str, Any]:
     """Train (or resume) the run cfg.run.name; returns its final metrics and latest checkpoint path.
 
     keep_best_by: a metric (e.g. "fid_domain") by which Ray keeps the best checkpoints, not the newest.
+    driver_cpus: CPUs the caller (a Tune trial) already holds; taken off the workers' request so that
+    trial + workers ask for exactly num_workers x cpus_per_worker and concurrent trials fit the cluster.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -423,7 +436,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
         worker_loop,
         train_loop_config={"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.cpus_per_worker - driver_cpus /
+                                                                     max(1, t.num_workers)}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=str(Path(run_dir).parent) if "://" not in run_dir else cfg.run.storage,
@@ -434,7 +448,16 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
             callbacks=cbs,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        try:
+            last = f"its last complete checkpoint is {ckpt.find(run_dir)}"
+        except ckpt.CheckpointError:
+            last = "it wrote no complete checkpoint"
+        cause = " ".join(str(e).split())[:400]
+        raise TrainingFailed(f"run {cfg.run.name!r} failed and max_failures={t.max_failures} restarts were used up; "
+                             f"{last}; run the same --name again to resume. Cause: {cause}") from None
     latest = result.checkpoint.path if result.checkpoint is not None else str(ckpt.find(run_dir))
     meta = ckpt.read_meta(latest) if "://" not in latest else {"step": None, "metrics": {}}
     metrics = {**meta.get("metrics", {}), **(result.metrics or {})}

@@ -37,6 +37,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "train.batch_size": {"choice": [32, 64]},
 }
 KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
+TRIAL_CPUS = 0.01  # the trial's own driver; its Train workers ask for that much less (train.fit driver_cpus)
 
 
 def parse_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +97,8 @@ def _trial(config: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = replace(Config.from_dict(config["base"]), {**config["space"], "run.name": f"train-{trial_id}"})
-    train.fit(cfg, callbacks=[TuneReportCallback()], quiet=True, keep_best_by=config["metric_key"])
+    train.fit(cfg, callbacks=[TuneReportCallback()], quiet=True, keep_best_by=config["metric_key"],
+              driver_cpus=TRIAL_CPUS)
 
 
 def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps: int, metric: str = "fid-domain",
@@ -148,7 +150,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     root = Path(storage).expanduser().resolve()
     search_dir = root / name
     metric_key = METRIC_KEYS[metric]
-    trainable = tune.with_resources(_trial, {"cpu": 0.01})  # the Train workers hold the real CPUs
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPUS})  # the Train workers hold the real CPUs
     if tune.Tuner.can_restore(str(search_dir)):
         log(f"[aigc_ray] resuming search {name} from {search_dir}")
         tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
@@ -188,7 +190,7 @@ def _report(grid, search_dir: Path, metric_key: str, max_steps: int, log) -> dic
         space = r.config.get("space", {})
         scored = df.dropna(subset=[metric_key]) if metric_key in df else df.iloc[0:0]
         best = scored.loc[scored[metric_key].idxmin()] if len(scored) else None
-        rows.append({"trial": trial_id, **{k.split(".")[1]: _short(v) for k, v in space.items()},
+        rows.append({"trial": trial_id, **{_column(k): _short(v) for k, v in space.items()},
                      "steps": int(df["step"].max()), f"best_{metric_key}": None if best is None else float(best[metric_key]),
                      "best_step": None if best is None else int(best["step"]),
                      "checkpoint": None if best is None else best.get("checkpoint_path"),
@@ -212,9 +214,14 @@ def _report(grid, search_dir: Path, metric_key: str, max_steps: int, log) -> dic
             "steps_run": int(sum(r["steps"] for r in rows)), "steps_full_grid": len(rows) * max_steps}
     (search_dir / "best.json").write_text(json.dumps(best, indent=2))
     best["best_json"] = str(search_dir / "best.json")
+    best["table"] = table.astype(object).where(table.notna(), None).to_dict("records")
     best["worst_value"] = max(r[f"best_{metric_key}"] for r in ranked)
     best["trials"] = len(rows)
     return best
+
+
+def _column(key: str) -> str:
+    return "loss" if key == "loss.name" else key.split(".")[1]
 
 
 def _short(v: Any) -> Any:

@@ -1,0 +1,99 @@
+"""The pipeline's run report: Markdown and HTML side by side, with the pictures a person looks at.
+
+    <pipeline>/report/report.md, report.html, search_fid.png, final_fid.png, final_samples.png, served.png
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _final_curve(run_dir: str, out: Path) -> bool:
+    """fid_domain (or fid) against step of the final run, from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc.Reload()
+    tags = [t for t in ("fid_domain", "fid") if t in acc.Tags().get("scalars", [])]
+    if not tags:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = sorted({e.step: e.value for e in acc.Scalars(tags[0])}.items())
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s for s, _ in events], [v for _, v in events], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel(tags[0])
+    ax.set_title(f"{tags[0]} of G_ema during the search trial and its continuation")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return True
+
+
+def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    if not rows:
+        return "", ""
+    cols = list(rows[0])
+    fmt = [[("" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r[c])) for c in cols]
+           for r in rows]
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    md += "".join("| " + " | ".join(row) + " |\n" for row in fmt)
+    th = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in fmt)
+    return md, f"<table><tr>{th}</tr>{trs}</table>"
+
+
+def write(root: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float]) -> Path:
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    pics: list[tuple[str, str]] = []
+    if (Path(search["search"]) / "fid_vs_step.png").exists():
+        shutil.copy(Path(search["search"]) / "fid_vs_step.png", out / "search_fid.png")
+        pics.append(("search_fid.png", f"{search['metric']} against step, every trial of the search"))
+    if _final_curve(final["run_dir"], out / "final_fid.png"):
+        pics.append(("final_fid.png", "the winner, trained longer"))
+    shutil.copy(final["grid"], out / "final_samples.png")
+    pics.append(("final_samples.png", f"G_ema after {final['step']} steps (the run's fixed noise)"))
+    try:
+        with urllib.request.urlopen(f"{url}/sample.png?n=64&seed=0", timeout=60) as r:
+            (out / "served.png").write_bytes(r.read())
+        pics.append(("served.png", f"fetched from the live endpoint: {url}/sample.png?n=64&seed=0"))
+    except OSError as e:
+        pics.append(("", f"the endpoint did not answer: {e}"))
+
+    md_table, html_table = _table(search.get("table", []))
+    facts = [
+        ("served model", f"{final['checkpoint']} (step {final['step']})"),
+        ("standard FID (Inception)", f"{fid['value']:.2f} ({fid['num_samples']} samples vs "
+                                     f"{fid.get('reference_images')} test images; see README for the floor)"),
+        (f"search best {search['metric']}", f"{search['value']:.3f} (trial {search['trial_id']}, step {search['step']})"),
+        ("search compute", f"{search['steps_run']} of {search['steps_full_grid']} trial-steps "
+                           f"({1 - search['steps_run'] / search['steps_full_grid']:.0%} saved by ASHA)"),
+        ("playground", f"{url}/"),
+        ("time", ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())),
+    ]
+    when = time.strftime("%Y-%m-%d %H:%M")
+    md = [f"# aigc_ray run report ({when})", ""]
+    md += [f"- **{k}**: {v}" for k, v in facts]
+    md += ["", "## Search", "", md_table]
+    md += [line for src, cap in pics for line in ((f"![{cap}]({src})", f"*{cap}*", "") if src else (cap, ""))]
+    (out / "report.md").write_text("\n".join(md))
+    body = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in facts)
+    figs = "".join(f'<figure><img src="{src}" alt="{html.escape(cap)}"><figcaption>{html.escape(cap)}</figcaption>'
+                   f"</figure>" if src else f"<p>{html.escape(cap)}</p>" for src, cap in pics)
+    (out / "report.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>aigc_ray run report</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto}"
+        "img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse;font-size:.85em}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+        f"<h1>aigc_ray run report ({when})</h1><ul>{body}</ul><h2>Search</h2>{html_table}{figs}")
+    return out / "report.html"

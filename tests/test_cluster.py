@@ -1,0 +1,129 @@
+"""Cluster files, and the whole pipeline submitted as a Ray job to a real local cluster over HTTP."""
+
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0 and cfg["head_node_type"] == "head_cpu"
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_worker"]["min_workers"] = "none"
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+
+def test_serve_config_is_a_valid_serve_deploy_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from aigc_ray.serve import ServeArgs
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve/config.yaml").read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "aigc_ray.serve:app_builder"
+    ServeArgs(**app.args)  # the args are what the typed builder takes
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head` on loopback (own ports, beside the test session's cluster); stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "1"}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6390",
+         "--dashboard-host=127.0.0.1", "--dashboard-port=8266", "--num-cpus=2", "--include-dashboard=true",
+         "--disable-usage-stats"], env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    address = "http://127.0.0.1:8266"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(address + "/api/version", timeout=5).status_code < 500:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    yield {"address": address, "env": env, "tmp": tmp}
+    head.send_signal(signal.SIGTERM)  # --block: stopping this process stops the cluster it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(cluster, *args) -> str:
+    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir",
+                          str(ROOT), "--no-wait", "--", "python", "jobs/pipeline.py", *args],
+                         env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
+
+
+def _wait(cluster, job_id, timeout=600) -> str:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["address"])
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status, client.get_job_logs(job_id)
+        time.sleep(2)
+    client.stop_job(job_id)
+    return "TIMEOUT", client.get_job_logs(job_id)
+
+
+TINY = ["--dataset", "mnist-5k", "--ngf", "8", "--ndf", "8", "--latent-dim", "16", "--batch-size", "16",
+        "--eval-samples", "64", "--num-trials", "2", "--search-steps", "4", "--final-steps", "6",
+        "--final-workers", "1", "--fid-samples", "20", "--ref-images", "20", "--port", "8124", "--ingress", "proxy"]
+
+
+def test_bad_config_job_fails_fast_and_deploys_nothing(cluster):
+    job = _submit(cluster, *TINY, "--lr-g", "-1", "--storage", str(cluster["tmp"] / "runs"), "--name", "bad")
+    status, logs = _wait(cluster, job, timeout=180)
+    assert str(status) in ("FAILED", "JobStatus.FAILED"), logs[-2000:]
+    assert "optim.lr_g: must be > 0" in logs
+    assert "Traceback" not in logs
+    apps = httpx.get(cluster["address"] + "/api/serve/applications/", timeout=30,
+                     headers=_auth()).json().get("applications", {})
+    assert "aigc" not in apps
+
+
+def _auth():
+    token = Path.home() / ".ray" / "auth_token"
+    return {"authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+
+
+def test_pipeline_job_ends_with_a_served_image(cluster):
+    storage = cluster["tmp"] / "runs"
+    job = _submit(cluster, *TINY, "--storage", str(storage), "--name", "jobtest", "--json")
+    status, logs = _wait(cluster, job)
+    assert str(status) in ("SUCCEEDED", "JobStatus.SUCCEEDED"), logs[-3000:]
+    result = json.loads(logs.strip().splitlines()[-1])
+    assert result["url"] == "http://127.0.0.1:8124" and Path(result["report"]).exists()
+    r = httpx.get("http://127.0.0.1:8124/sample.png", params={"n": 4, "seed": 0}, timeout=60)
+    from PIL import Image
+
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (2 * 34 + 2, 2 * 34 + 2)
+    info = httpx.get("http://127.0.0.1:8124/info", timeout=30).json()
+    assert info["metric"] == "fid" and info["step"] == 6
+    best = json.loads((storage / "jobtest" / "best.json").read_text())
+    assert best["checkpoint"] == info["checkpoint"]
