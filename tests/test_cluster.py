@@ -47,6 +47,8 @@ def test_serve_config_is_a_valid_serve_deploy_schema():
 def cluster(tmp_path_factory):
     """`ray start --head` on loopback (own ports, beside the test session's cluster); stopped afterwards."""
     tmp = tmp_path_factory.mktemp("cluster")
+    # Token authentication stays on: the clients send ~/.ray/auth_token (made by ray start if missing).
+    os.environ["RAY_AUTH_MODE"] = "token"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "1"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6390",
@@ -80,7 +82,7 @@ def _submit(cluster, *args) -> str:
 def _wait(cluster, job_id, timeout=600) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(cluster["address"])
+    client = JobSubmissionClient(cluster["address"], headers=_auth())
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = client.get_job_status(job_id)
@@ -117,7 +119,8 @@ def test_pipeline_job_ends_with_a_served_image(cluster):
     job = _submit(cluster, *TINY, "--storage", str(storage), "--name", "jobtest", "--json")
     status, logs = _wait(cluster, job)
     assert str(status) in ("SUCCEEDED", "JobStatus.SUCCEEDED"), logs[-3000:]
-    result = json.loads(logs.strip().splitlines()[-1])
+    # The job's stdout ends with the JSON result; Ray may append its own log lines after it.
+    result = json.loads(next(line for line in reversed(logs.splitlines()) if line.startswith('{"url"')))
     assert result["url"] == "http://127.0.0.1:8124" and Path(result["report"]).exists()
     r = httpx.get("http://127.0.0.1:8124/sample.png", params={"n": 4, "seed": 0}, timeout=60)
     from PIL import Image

@@ -154,6 +154,31 @@ def test_playground_page_in_a_real_headless_browser(service, tmp_path):
     assert width == 3 * 34 + 2  # a 3x3 grid of 32x32 images, as /generate made it
 
 
+def _replica_pids():
+    from ray.util.state import list_actors
+
+    return sorted(a.pid for a in list_actors(filters=[("state", "=", "ALIVE")])
+                  if a.class_name.startswith("ServeReplica:aigc:GeneratorService"))
+
+
+def test_fuzzed_api_from_its_own_openapi_spec_gives_no_5xx(service, tmp_path):
+    """schemathesis (positive and negative cases) against /openapi.json: >= 500 requests, no 5xx, no deaths."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    before = _replica_pids()
+    st = Path(sys.executable).parent / "st"
+    r = subprocess.run([str(st), "run", URL + "/openapi.json", "--checks", "not_a_server_error", "--mode", "all",
+                        "--max-examples", "100", "--seed", "1", "--no-color", "--request-timeout", "30"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    generated = re.search(r"(\d+) generated", r.stdout)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert generated and int(generated.group(1)) >= 500, r.stdout[-1500:]
+    assert _replica_pids() == before  # no replica died or restarted
+
+
 def test_hot_swap_changes_info_without_failed_requests(service, checkpoints):
     from ray import serve
 
@@ -215,3 +240,54 @@ def test_replicas_grow_under_load(service, checkpoints):
         t.join()
     assert grew, "the replica count did not grow under load"
     assert set(seen) == {200}
+
+
+def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
+    """Two replicas under load; one is SIGKILLed: only requests in flight may fail, it is replaced, errors stop."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from aigc_ray.serve import build_app
+
+    serve.run(build_app(service, num_cpus=0.5, min_replicas=2, max_replicas=2), name="aigc", route_prefix="/")
+    deadline = time.time() + 60
+    while len(_replica_pids()) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    victims = _replica_pids()
+    assert len(victims) == 2
+    log, stop, clients = [], threading.Event(), 8
+
+    def load():
+        with httpx.Client(base_url=URL, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    code = c.post("/generate", json={"n": 4, "seed": 1, "format": "npy"}).status_code
+                except httpx.HTTPError:
+                    code = 0
+                log.append((time.time(), code))
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed_at = time.time()
+    os.kill(victims[0], signal.SIGKILL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        pids = _replica_pids()
+        if len(pids) == 2 and victims[0] not in pids:
+            break
+        time.sleep(0.5)
+    replaced_at = time.time()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    failed = [code for ts, code in log if code != 200]
+    after = [code for ts, code in log if ts > replaced_at + 1]
+    print(f"replica loss: {len(log)} requests, {len(failed)} failed, replaced in {replaced_at - killed_at:.1f} s")
+    assert len(_replica_pids()) == 2 and victims[0] not in _replica_pids()
+    assert len(failed) <= clients  # only those in flight on the dead replica
+    assert after and set(after) == {200}  # and the error rate is back to zero
