@@ -58,8 +58,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING", include_dashboard=None,
-             configure_logging=True)
+    if num_cpus and not address:
+        address = "local"  # a CPU count means a cluster of our own, not one `ray start` left running
+    ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING")
 
 
 def emit(result: dict[str, Any], as_json: bool) -> None:

@@ -14,7 +14,7 @@ def ray_cluster():
 
     # The dashboard stays on: Ray Train's placement-group cleaner needs its state API to free the CPUs
     # of trials that ASHA stops.
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")  # never a `ray start` cluster left around
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,13 +48,16 @@ def test_serve_config_is_a_valid_serve_deploy_schema():
 def cluster(tmp_path_factory):
     """`ray start --head` on loopback (own ports, beside the test session's cluster); stopped afterwards."""
     tmp = tmp_path_factory.mktemp("cluster")
-    # Token authentication stays on: the clients send ~/.ray/auth_token (made by ray start if missing).
-    os.environ["RAY_AUTH_MODE"] = "token"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "1"}
+    # Its own temp dir: its address file must not become the "current cluster" that Ray's helpers
+    # (the state API, the placement-group cleaner) of the test session's cluster look up.
+    ray_tmp = tempfile.mkdtemp(prefix="rayc")
+    # Token authentication stays on: the CLI clients send ~/.ray/auth_token (made by ray start if missing),
+    # and this process's own REST calls send it as a header (_auth); nothing is turned off globally.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "1", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6390",
          "--dashboard-host=127.0.0.1", "--dashboard-port=8266", "--num-cpus=2", "--include-dashboard=true",
-         "--disable-usage-stats"], env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT,
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}"], env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = "http://127.0.0.1:8266"
     deadline = time.time() + 120
