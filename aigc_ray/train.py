@@ -278,7 +278,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         n_window += 1
         s = state.step
         is_ckpt = s % t.ckpt_every == 0 or s == t.steps
-        if not (s % t.log_every == 0 or is_ckpt):
+        is_eval = bool(t.eval_every) and (s % t.eval_every == 0 or s == t.steps)
+        if not (s % t.log_every == 0 or is_ckpt or is_eval):
             continue
         # Average the window's stats over steps and workers (one small all-reduce).
         keys = sorted(window)
@@ -292,9 +293,9 @@ def worker_loop(config: dict[str, Any]) -> None:
                        images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / elapsed,
                        epoch=batches.i // batches.per_epoch)
         checkpoint, tmp = None, None
+        if is_eval:  # every worker generates its share; the statistics are all-reduced
+            metrics.update(_evaluate(state, cfg, rank, world, device))
         if is_ckpt:
-            if t.eval_every and s % t.eval_every == 0:
-                metrics.update(_evaluate(state, cfg, rank, world, device))
             if rank == 0:
                 tmp = Path(tempfile.mkdtemp(prefix="aigc_ckpt_"))
                 ckpt.save(tmp, state=state_dict(state), cfg=cfg, grid_png=sample_grid(state, cfg), metrics=metrics)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def _get(url: str, timeout: float = 5) -> bytes | None:
             return r.read()
     except Exception:
         return None
+
+
+def _answers(url: str) -> bool:
+    """Any HTTP answer (401 included: token authentication is on) means the server is up."""
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except Exception:
+        return False
 
 
 def main() -> None:
@@ -60,7 +72,7 @@ def main() -> None:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         t_cluster = time.time()
-        while _get(f"http://127.0.0.1:{DASHBOARD}/api/version") is None and time.time() - t_cluster < 120:
+        while not _answers(f"http://127.0.0.1:{DASHBOARD}/api/version") and time.time() - t_cluster < 120:
             time.sleep(0.5)
         cluster_s = time.time() - t_cluster
         t0 = time.time()

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -51,6 +52,31 @@ def service(ray_cluster, checkpoints):
     serve.run(build_app(args, num_cpus=0.5), name="aigc", route_prefix="/")
     yield args
     serve.delete("aigc")
+
+
+@contextmanager
+def _load(clients: int, body: dict):
+    """Clients posting body to /generate in a loop until the block ends; yields [(time, status)]."""
+    log, stop = [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=URL, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    code = c.post("/generate", json=body).status_code
+                except httpx.HTTPError:
+                    code = 0
+                log.append((time.time(), code))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield log
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _png(content):
@@ -184,26 +210,15 @@ def test_hot_swap_changes_info_without_failed_requests(service, checkpoints):
 
     from aigc_ray.serve import build_app
 
-    statuses, stop = [], threading.Event()
-
-    def load():
-        with httpx.Client(base_url=URL, timeout=60) as c:
-            while not stop.is_set():
-                statuses.append(c.post("/generate", json={"n": 2, "seed": 7, "format": "grid"}).status_code)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(1)
-    serve.run(build_app(service, num_cpus=0.5, user_config={"checkpoint": checkpoints[1]}),
-              name="aigc", route_prefix="/")
-    deadline = time.time() + 60
-    while httpx.get(URL + "/info", timeout=30).json()["step"] != 2 and time.time() < deadline:
-        time.sleep(0.5)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+    with _load(4, {"n": 2, "seed": 7, "format": "grid"}) as log:
+        time.sleep(1)
+        serve.run(build_app(service, num_cpus=0.5, user_config={"checkpoint": checkpoints[1]}),
+                  name="aigc", route_prefix="/")
+        deadline = time.time() + 60
+        while httpx.get(URL + "/info", timeout=30).json()["step"] != 2 and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+    statuses = [code for _, code in log]
     assert httpx.get(URL + "/info", timeout=30).json()["checkpoint"] == checkpoints[1]
     assert len(statuses) > 10 and set(statuses) == {200}
 
@@ -221,25 +236,14 @@ def test_replicas_grow_under_load(service, checkpoints):
         return dep.replica_states.get("RUNNING", 0)
 
     assert running() == 1
-    stop, seen = threading.Event(), []
-
-    def load():
-        with httpx.Client(base_url=URL, timeout=60) as c:
-            while not stop.is_set():
-                seen.append(c.post("/generate", json={"n": 32, "seed": 1, "format": "npy"}).status_code)
-
-    threads = [threading.Thread(target=load) for _ in range(12)]
-    for t in threads:
-        t.start()
-    deadline, grew = time.time() + 60, False
-    while time.time() < deadline and not grew:
-        grew = running() >= 2
-        time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    with _load(12, {"n": 32, "seed": 1, "format": "npy"}) as log:
+        deadline, grew = time.time() + 60, False
+        while time.time() < deadline and not grew:
+            grew = running() >= 2
+            time.sleep(0.5)
+    seen = {code for _, code in log}
     assert grew, "the replica count did not grow under load"
-    assert set(seen) == {200}
+    assert seen == {200}
 
 
 def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
@@ -257,34 +261,19 @@ def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
         time.sleep(0.5)
     victims = _replica_pids()
     assert len(victims) == 2
-    log, stop, clients = [], threading.Event(), 8
-
-    def load():
-        with httpx.Client(base_url=URL, timeout=60) as c:
-            while not stop.is_set():
-                try:
-                    code = c.post("/generate", json={"n": 4, "seed": 1, "format": "npy"}).status_code
-                except httpx.HTTPError:
-                    code = 0
-                log.append((time.time(), code))
-
-    threads = [threading.Thread(target=load) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    killed_at = time.time()
-    os.kill(victims[0], signal.SIGKILL)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        pids = _replica_pids()
-        if len(pids) == 2 and victims[0] not in pids:
-            break
-        time.sleep(0.5)
-    replaced_at = time.time()
-    time.sleep(3)
-    stop.set()
-    for t in threads:
-        t.join()
+    clients = 8
+    with _load(clients, {"n": 4, "seed": 1, "format": "npy"}) as log:
+        time.sleep(3)
+        killed_at = time.time()
+        os.kill(victims[0], signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            pids = _replica_pids()
+            if len(pids) == 2 and victims[0] not in pids:
+                break
+            time.sleep(0.5)
+        replaced_at = time.time()
+        time.sleep(3)
     failed = [code for ts, code in log if code != 200]
     after = [code for ts, code in log if ts > replaced_at + 1]
     print(f"replica loss: {len(log)} requests, {len(failed)} failed, replaced in {replaced_at - killed_at:.1f} s")
