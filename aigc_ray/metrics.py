@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
