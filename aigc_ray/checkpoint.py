@@ -76,6 +76,20 @@ def find(path: str | Path) -> Path:
     return max(found, key=lambda c: (json.loads((c / META_FILE).read_text())["step"], c.stat().st_mtime))
 
 
+def read_best(path: str | Path) -> dict[str, Any]:
+    """A search's best.json (written by tune.search): at least the checkpoint it names, checked to exist."""
+    p = Path(path).expanduser()
+    try:
+        best = json.loads(p.read_text())
+        checkpoint = best["checkpoint"]
+    except OSError as e:
+        raise CheckpointError(f"best.json: cannot read {p}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"best.json: {p} is not a search's best.json (JSON with a 'checkpoint')") from None
+    find(checkpoint)
+    return best
+
+
 def read_meta(directory: str | Path) -> dict:
     return json.loads((Path(directory) / META_FILE).read_text())
 

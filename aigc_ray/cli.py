@@ -118,24 +118,34 @@ def cmd_sample(args) -> dict:
     return {"out": str(out), "n": n, "seed": args.seed, "checkpoint": sampler.path, "step": sampler.meta["step"]}
 
 
+def _choose_ingress(args) -> None:
+    """Ray 2.60's HAProxy ingress for a local cluster: replicas serve HTTP themselves, HAProxy balances over
+    them; ~4x the requests/s of the proxy path on 2 CPUs (bench/serve_load.py). Set before Ray starts."""
+    if args.ingress == "haproxy" and not args.address:
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+
+
+def _wait_for_ctrl_c() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 def cmd_serve(args) -> dict:
     """Serve a checkpoint (or best.json) on a local Ray cluster until Ctrl-C."""
-    import time
-
     from ray import serve
 
     from .serve import ServeArgs, build_app
 
     if not (args.checkpoint or args.best):
         raise ConfigError("serve: give --checkpoint PATH or --best best.json")
-    from .checkpoint import find
+    from .checkpoint import find, read_best
 
-    find(json.loads(open(args.best).read())["checkpoint"] if args.best else args.checkpoint)
-    if args.ingress == "haproxy" and not args.address:
-        # Ray 2.60's HAProxy ingress: replicas serve HTTP themselves, HAProxy balances over them; ~4x the
-        # requests/s of the proxy path on 2 CPUs (bench/serve_load.py). Set before the local cluster starts.
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    read_best(args.best) if args.best else find(args.checkpoint)  # a bad path fails before Ray starts
+    _choose_ingress(args)
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n),
@@ -144,12 +154,8 @@ def cmd_serve(args) -> dict:
     serve.run(app, name="aigc", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C stops.", flush=True)
-    if args.detach:
-        return {"url": url}
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+    if not args.detach:
+        _wait_for_ctrl_c()
         serve.shutdown()
     return {"url": url}
 
@@ -162,9 +168,7 @@ def cmd_pipeline(args) -> dict:
     space = tune.load_space(args.search_space) if args.search_space else None
     tune.parse_space(space or pipeline.DEMO_SPACE)
     train.check_data(cfg)
-    if args.ingress == "haproxy" and not args.address:
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    _choose_ingress(args)
     init_ray(args.address, num_cpus=args.num_cpus)
     out = pipeline.run(cfg, name=args.name, storage=cfg.run.storage, num_trials=args.num_trials,
                        search_steps=args.search_steps, final_steps=args.final_steps,
@@ -175,13 +179,7 @@ def cmd_pipeline(args) -> dict:
     print(f"Playground: {out['playground']}\nReport:     {out['report']}", flush=True)
     if args.keep_serving:
         print("Serving until Ctrl-C.", flush=True)
-        import time
-
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        _wait_for_ctrl_c()
     return out
 
 
@@ -339,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_pipeline)
 
     dm = sub.add_parser("demo", help="the main job: the pipeline on Fashion-MNIST, on a local Ray cluster")
-    dm.set_defaults(fn=cmd_pipeline, config=None, run__storage="runs", **{"train__eval_samples": 1000})
+    dm.set_defaults(fn=cmd_pipeline, config=None, run__storage="runs", train__eval_samples=1000)
     _pipeline_flags(dm, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", keep_serving=sys.stdin.isatty())
     return p
 

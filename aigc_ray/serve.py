@@ -58,11 +58,11 @@ class Sampler:
     """G_ema of one checkpoint, with what /info says about it."""
 
     def __init__(self, checkpoint: str | None = None, best: str | None = None, chunk: int = 16):
-        from .checkpoint import find, load_generator
+        from .checkpoint import find, load_generator, read_best
 
         self.best = None
         if best:
-            self.best = json.loads(Path(best).expanduser().read_text())
+            self.best = read_best(best)
             checkpoint = self.best["checkpoint"]
         if not checkpoint:
             raise ValueError("serve: give a checkpoint or a best.json")

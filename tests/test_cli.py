@@ -51,3 +51,18 @@ def test_sample_same_seed_same_image(tiny, tmp_path, capsys):
 def test_sample_errors(tmp_path):
     r = _run("sample", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "cannot read"),
+    ("{", "is not a search's best.json"),
+    ('{"metric": "fid"}', "is not a search's best.json"),
+    ('{"checkpoint": "MISSING"}', "does not exist"),
+])
+def test_serve_bad_best_json_is_one_line_before_ray(tmp_path, content, needle):
+    best = tmp_path / "best.json"
+    if content is not None:
+        best.write_text(content.replace("MISSING", str(tmp_path / "gone")))
+    r = _run("serve", "--best", str(best), "--ingress", "proxy")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
