@@ -5,6 +5,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,16 @@ def test_serve_config_is_a_valid_serve_deploy_schema():
     ServeArgs(**app.args)  # the args are what the typed builder takes
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """`ray start --head` on loopback (own ports, beside the test session's cluster); stopped afterwards."""
@@ -54,31 +65,54 @@ def cluster(tmp_path_factory):
     # Token authentication stays on: the CLI clients send ~/.ray/auth_token (made by ray start if missing),
     # and this process's own REST calls send it as a header (_auth); nothing is turned off globally.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DEDUP_LOGS": "1", "RAY_AUTH_MODE": "token"}
+    # Its own agent ports too: the defaults (52365 for the dashboard agent) are taken by the test session's
+    # cluster when it runs, and an agent without its HTTP port leaves the head refusing every job.
+    agent, grpc, runtime_env, metrics = _free_ports(4)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6390",
          "--dashboard-host=127.0.0.1", "--dashboard-port=8266", "--num-cpus=2", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
          "--disable-usage-stats", f"--temp-dir={ray_tmp}"], env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = "http://127.0.0.1:8266"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(address + "/api/version", timeout=5).status_code < 500:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    yield {"address": address, "env": env, "tmp": tmp}
-    head.send_signal(signal.SIGTERM)  # --block: stopping this process stops the cluster it started
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(address + "/api/version", timeout=5).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        # Two Ray instances on one machine (this one and the session's, when it runs): Ray Train's
+        # placement-group cleaner, an actor of the job, finds its cluster from RAY_ADDRESS or refuses to
+        # guess, and then never frees the CPUs of the trials ASHA stops. The job's runtime env names it.
+        current = Path(ray_tmp) / "ray_current_cluster"
+        while not current.exists() and time.time() < deadline:
+            time.sleep(1)
+        gcs = current.read_text().strip()
+        yield {"address": address, "env": env, "tmp": tmp,
+               "runtime_env": json.dumps({"env_vars": {"RAY_ADDRESS": gcs}})}
+    finally:  # also when setting up failed: never a cluster left running for the next tests
+        head.send_signal(signal.SIGTERM)  # --block: stopping this process stops the cluster it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def _submit(cluster, *args) -> str:
-    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir",
-                          str(ROOT), "--no-wait", "--", "python", "jobs/pipeline.py", *args],
-                         env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # A fresh head answers HTTP before its dashboard agent registers; until then Ray refuses jobs with
+    # "No available agent to submit job, please try again later": do as it says, for up to a minute.
+    deadline = time.time() + 60
+    while True:
+        out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir",
+                              str(ROOT), "--runtime-env-json", cluster["runtime_env"], "--no-wait", "--",
+                              "python", "jobs/pipeline.py", *args],
+                             env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stdout + out.stderr
     return next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
 
