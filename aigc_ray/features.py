@@ -14,8 +14,8 @@ uint8 values, then (x - 128) / 128, the input range (-1, 0.9921875) of the origi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, DataConfig
+from . import storage
+from .config import ConfigError, DataConfig, cache_root
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
@@ -33,10 +34,9 @@ class FeatureError(ConfigError):
     """A feature extractor cannot be used (a modified file, no labels for a domain classifier)."""
 
 
-def cache_dir(kind: str) -> Path:
-    d = Path(os.environ.get("AIGC_RAY_CACHE", "~/.cache/aigc_ray")).expanduser() / kind
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def cache_uri(cfg: DataConfig, kind: str, filename: str) -> str:
+    """Where a cached artefact lives: <data.cache or $AIGC_RAY_CACHE or ~/.cache/aigc_ray>/<kind>/<filename>."""
+    return storage.join(storage.normalize(cache_root(cfg)), kind, filename)
 
 
 def sha1(path: Path) -> str:
@@ -112,6 +112,10 @@ class Domain:
         self.net, self.accuracy, self.batch = net.to(device).eval(), accuracy, batch
         self.device, self.id = torch.device(device), key
 
+    def to(self, device) -> "Domain":
+        """The same classifier on another device (a driver ships it to workers through Ray)."""
+        return Domain(self.net, self.id, self.accuracy, device, self.batch)
+
     @torch.no_grad()
     def _run(self, images: torch.Tensor, logits: bool) -> torch.Tensor:
         out = []
@@ -168,25 +172,28 @@ def train_domain(cfg: DataConfig, epochs: int = 5, seed: int = 0, log=print) -> 
 @lru_cache(maxsize=8)
 def _domain_cached(cfg: DataConfig, device: str) -> Domain:
     key = _domain_key(cfg)
-    path = cache_dir("domain") / f"{key}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    uri = cache_uri(cfg, "domain", f"{key}.pt")
+    if storage.exists(uri):
+        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
         net = DomainNet(blob["channels"], blob["num_classes"])
         net.load_state_dict(blob["state"])
         return Domain(net, key, blob["accuracy"], device)
     net, acc = train_domain(cfg)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    buf = io.BytesIO()
     torch.save({"state": net.state_dict(), "accuracy": acc, "channels": net.body[0].in_channels,
-                "num_classes": net.head[1].out_features}, tmp)
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({"key": key, "accuracy": acc}))
+                "num_classes": net.head[1].out_features}, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    storage.write_text(cache_uri(cfg, "domain", f"{key}.json"), json.dumps({"key": key, "accuracy": acc}))
     return Domain(net, key, acc, device)
 
 
 def domain(cfg: DataConfig, device="cpu") -> Domain:
-    """The dataset's domain classifier: loaded from the cache, or trained once (~1 min on 2 CPUs)."""
+    """The dataset's domain classifier: loaded from the cache, or trained once (~1 min on 2 CPUs).
+
+    The cache is the storage's (data.cache) when that is remote: every node and every later command
+    then scores with the same classifier, never one a node trained for itself."""
     return _domain_cached(DataConfig(dataset=cfg.dataset, image_size=cfg.image_size, channels=cfg.channels,
-                                     root=cfg.root, download=cfg.download), str(device))
+                                     root=cfg.root, download=cfg.download, cache=cache_root(cfg)), str(device))
 
 
 @lru_cache(maxsize=2)

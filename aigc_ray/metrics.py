@@ -17,15 +17,16 @@ polynomial-kernel MMD is torchmetrics' own (`poly_mmd`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 
 import numpy as np
 import torch
 
+from . import storage
 from .config import Config, ConfigError, DataConfig
-from .features import cache_dir, extractor
+from .features import cache_uri, extractor
 
 METRIC_KEYS = {"fid": "fid", "fid-domain": "fid_domain", "kid": "kid", "is": "is"}
 
@@ -131,7 +132,19 @@ def generated_images(g, cfg: Config, n: int, seed: int, rank: int = 0, world: in
     return torch.cat(parts)
 
 
-def _part(source: dict, metric: str, data_cfg: DataConfig, want: str, rank: int, world: int):
+def _shippable(metric: str, data_cfg: DataConfig):
+    """The extractor as a Ray task receives it: the domain classifier itself (made once, by the caller, so
+    no node trains one of its own), or the name of the Inception network that ships inside the package."""
+    return "inception" if metric in ("fid", "kid") else extractor(metric, data_cfg)
+
+
+def _unship(ext, device="cpu"):
+    from .features import _inception_cached
+
+    return _inception_cached(str(device)) if ext == "inception" else ext.to(device)
+
+
+def _part(source: dict, ext, want: str, rank: int, world: int):
     """One worker's share of a source (images, or a checkpoint's generator): stats, features or probs."""
     if "images" in source:
         images = source["images"][rank::world]
@@ -140,7 +153,7 @@ def _part(source: dict, metric: str, data_cfg: DataConfig, want: str, rank: int,
 
         g, cfg, _ = load_generator(source["checkpoint"])
         images = generated_images(g, cfg, source["n"], source["seed"], rank, world)
-    ext = extractor(metric, data_cfg)
+    ext = _unship(ext)
     if want == "probs":
         return ext.probs(images)
     feats = ext(images)
@@ -149,14 +162,15 @@ def _part(source: dict, metric: str, data_cfg: DataConfig, want: str, rank: int,
 
 def compute(source: dict, metric: str, data_cfg: DataConfig, want: str = "stats", num_workers: int = 0):
     """_part on num_workers Ray tasks (0: this process), combined: stats summed, features concatenated."""
+    ext = _shippable(metric, data_cfg)
     if num_workers <= 0:
-        parts = [_part(source, metric, data_cfg, want, 0, 1)]
+        parts = [_part(source, ext, want, 0, 1)]
     else:
         import ray
 
         task = ray.remote(num_cpus=1)(_part)
-        ref = ray.put(source)
-        parts = ray.get([task.remote(ref, metric, data_cfg, want, r, num_workers) for r in range(num_workers)])
+        ref, ext_ref = ray.put(source), ray.put(ext)
+        parts = ray.get([task.remote(ref, ext_ref, want, r, num_workers) for r in range(num_workers)])
     if want != "stats":
         return torch.cat(parts)
     total = FeatureStats(parts[0].s1.shape[0])
@@ -179,29 +193,29 @@ def reference(data_cfg: DataConfig, split: str, metric: str, num_workers: int = 
         ds.images = ds.images[:max_images]
     ext = extractor(metric, data_cfg)
     digest = hashlib.sha1(ds.images.numpy().tobytes()).hexdigest()[:12]
-    safe = data_cfg.dataset.replace("/", "_").replace(":", "-").replace("~", "")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in data_cfg.dataset.replace("://", "-"))
     name = f"{safe}-{split}-{data_cfg.image_size}px-{ext.id}-{digest}"
-    path = cache_dir("fid_refs") / f"{name}.npz"
-    if path.exists():
-        z = np.load(path)
+    uri = cache_uri(data_cfg, "fid_refs", f"{name}.npz")
+    if storage.exists(uri):
+        z = np.load(io.BytesIO(storage.read_bytes(uri)))
         stats = FeatureStats(z["s1"].shape[0])
         stats.n, stats.s1, stats.s2 = int(z["n"]), torch.from_numpy(z["s1"]), torch.from_numpy(z["s2"])
-        return {"path": str(path), "stats": stats, "features": torch.from_numpy(z["features"])}
+        return {"path": uri, "stats": stats, "features": torch.from_numpy(z["features"])}
     t0 = time.time()
     log(f"[aigc_ray] computing {ext.name} reference statistics of {data_cfg.dataset} {split} "
-        f"({len(ds)} images), once; cached at {path}")
+        f"({len(ds)} images), once; cached at {uri}")
     feats = compute({"images": ds.images}, metric, data_cfg, "features", num_workers)
     stats = FeatureStats(feats.shape[1]).add(feats)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, n=stats.n, s1=stats.s1.numpy(), s2=stats.s2.numpy(), features=feats.float().numpy())
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({
+    buf = io.BytesIO()
+    np.savez(buf, n=stats.n, s1=stats.s1.numpy(), s2=stats.s2.numpy(), features=feats.float().numpy())
+    storage.write_bytes(uri, buf.getvalue())
+    storage.write_text(cache_uri(data_cfg, "fid_refs", f"{name}.json"), json.dumps({
         "dataset": data_cfg.dataset, "split": split, "image_size": data_cfg.image_size,
         "channels": int(ds.images.shape[1]), "extractor": ext.id, "images": len(ds), "images_sha1": digest,
         "resize": "bilinear to 299x299, then (x - 128) / 128" if ext.name == "inception" else "none",
         "seconds": round(time.time() - t0, 1), "made": time.strftime("%Y-%m-%d %H:%M:%S"),
     }, indent=2))
-    return {"path": str(path), "stats": stats, "features": feats.float()}
+    return {"path": uri, "stats": stats, "features": feats.float()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,18 +255,18 @@ def evaluate(checkpoint: str, metric: str, num_samples: int, split: str = "test"
     return out
 
 
-def prepare_in_training(cfg: Config) -> None:
-    """Before workers start: the extractor (domain classifier) and reference stats, cached on this node."""
-    if cfg.train.eval_every:
-        reference(cfg.data, "test", cfg.train.eval_metric)
-
-
-def evaluate_in_training(g, cfg: Config, *, rank: int, world: int, device) -> dict[str, float]:
-    """Inside the Ray Train loop: every worker generates its share, the stats are all-reduced."""
+def training_reference(cfg: Config, log=print) -> dict:
+    """What the workers of a run need to score it, made once by the driver and shipped to them through
+    Ray: the test split's reference statistics and the extractor (cached under data.cache)."""
     metric = cfg.train.eval_metric
-    ref = reference(cfg.data, "test", metric, log=lambda *_: None)
+    ref = reference(cfg.data, "test", metric, log=log)
+    return {"metric": metric, "stats": ref["stats"], "extractor": _shippable(metric, cfg.data)}
+
+
+def evaluate_in_training(g, cfg: Config, ref: dict, *, rank: int, world: int, device) -> dict[str, float]:
+    """Inside the Ray Train loop: every worker generates its share, the stats are all-reduced."""
     images = generated_images(g, cfg, cfg.train.eval_samples, seed=cfg.train.seed + 999, rank=rank, world=world,
                               device=device)
-    feats = extractor(metric, cfg.data, device)(images)
+    feats = _unship(ref["extractor"], device)(images)
     stats = FeatureStats(feats.shape[1]).add(feats).all_reduce()
-    return {METRIC_KEYS[metric]: fid_from_stats(stats, ref["stats"])}
+    return {METRIC_KEYS[ref["metric"]]: fid_from_stats(stats, ref["stats"])}

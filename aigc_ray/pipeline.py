@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, replace, validate
@@ -26,12 +25,14 @@ DEMO_SPACE = {  # a search that fits a few minutes of 2 CPUs: the learning rates
 def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_steps: int = 300,
         final_steps: int = 1000, final_workers: int = 2, metric: str = "fid-domain", eval_samples: int = 1000,
         fid_samples: int = 500, ref_images: int = 500, space: dict | None = None, max_concurrent: int = 0,
-        host: str = "127.0.0.1", port: int = 8000, app_name: str = "aigc", log=print) -> dict[str, Any]:
+        host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", app_name: str = "aigc",
+        log=print) -> dict[str, Any]:
     """Run the pipeline on the connected Ray cluster; returns the URL, the report path and the figures."""
     import ray
     from ray import serve
 
     from . import metrics, report, train, tune
+    from . import storage as storage_mod
     from .serve import ServeArgs, build_app
 
     # Check everything before the first trial.
@@ -43,18 +44,18 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
             raise ConfigError(f"pipeline: {key} must be > 0, got {value}")
     if final_steps < search_steps:
         raise ConfigError(f"pipeline: final_steps ({final_steps}) must be >= search_steps ({search_steps})")
-    train.check_data(base)
+    train.check_inputs(base)
     cpus = ray.cluster_resources().get("CPU", 0)
     if final_workers * base.train.cpus_per_worker > cpus and not ray.cluster_resources().get("GPU"):
         raise ConfigError(f"pipeline: {final_workers} final workers need more CPUs than the cluster's {cpus:g}")
 
-    root = Path(storage).expanduser().resolve() / name
+    root = storage_mod.join(storage_mod.normalize(storage), name)
     stages: dict[str, float] = {}
     t0 = time.time()
 
     # [1] Search: Ray Tune over Ray Train trials, ranked by the fast domain FID, ASHA stopping laggards.
     log(f"[aigc_ray] 1/5 search: {num_trials} trials x {search_steps} steps, ranked by {metric}")
-    best = tune.search(replace(base, {"run.storage": str(root)}), name="search", storage=str(root),
+    best = tune.search(replace(base, {"run.storage": root}), name="search", storage=root,
                        num_trials=num_trials, max_steps=search_steps, metric=metric,
                        space=space if space is not None else DEMO_SPACE, eval_every=max(1, search_steps // 3),
                        eval_samples=eval_samples, max_concurrent=max_concurrent, log=log)
@@ -79,16 +80,15 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     served = {"checkpoint": final["checkpoint"], "metric": "fid", "value": fid["value"], "step": final["step"],
               "trial_id": best["trial_id"], "search": best["search"], "num_samples": fid_samples,
               "reference_images": fid.get("reference_images"), "config": json.loads(
-                  (Path(final["checkpoint"]) / "config.json").read_text())}
-    best_json = root / "best.json"
-    best_json.write_text(json.dumps(served, indent=2))
+                  storage_mod.read_text(storage_mod.join(final["checkpoint"], "config.json")))}
+    best_json = storage_mod.write_text(storage_mod.join(root, "best.json"), json.dumps(served, indent=2))
 
     # [4] Deploy to Ray Serve; a failed deployment is removed again.
     t3 = time.time()
     log(f"[aigc_ray] 4/5 deploy {best_json} to Ray Serve at http://{host}:{port}/")
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(ServeArgs(best=str(best_json))), name=app_name, route_prefix="/")
+        serve.run(build_app(ServeArgs(best=best_json)), name=app_name, route_prefix="/")
     except Exception:
         serve.delete(app_name)
         raise
@@ -100,6 +100,6 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     stages["total"] = time.time() - t0
     path = report.write(root, search=best, final=final, fid=fid, url=url, stages=stages)
     return {"url": url, "playground": url + "/", "report": str(path), "fid": fid["value"],
-            "fid_samples": fid_samples, "best_json": str(best_json), "checkpoint": final["checkpoint"],
+            "fid_samples": fid_samples, "best_json": best_json, "checkpoint": final["checkpoint"],
             "step": final["step"], "search_best": best["value"], "search_metric": best["metric"],
             "seconds": round(stages["total"], 1)}

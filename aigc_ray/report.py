@@ -1,24 +1,30 @@
 """The pipeline's run report: Markdown and HTML side by side, with the pictures a person looks at.
 
     <pipeline>/report/report.md, report.html, search_fid.png, final_fid.png, final_samples.png, served.png
+
+Made in a local folder, then published to the pipeline's storage location (report.html last).
 """
 
 from __future__ import annotations
 
 import html
 import shutil
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from . import storage
 
 
 def _final_curve(run_dir: str, out: Path) -> bool:
     """fid_domain (or fid) against step of the final run, from its TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
-    acc.Reload()
+    with storage.local_dir(storage.join(run_dir, "tensorboard")) as events:
+        acc = EventAccumulator(str(events))
+        acc.Reload()
     tags = [t for t in ("fid_domain", "fid") if t in acc.Tags().get("scalars", [])]
     if not tags:
         return False
@@ -52,16 +58,27 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return md, f"<table><tr>{th}</tr>{trs}</table>"
 
 
-def write(root: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float]) -> Path:
-    out = root / "report"
-    out.mkdir(parents=True, exist_ok=True)
+def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float]) -> str:
+    """Write <root>/report/ (root: any storage location); returns the URI of report.html."""
+    out = Path(tempfile.mkdtemp(prefix="aigc_report_"))
+    try:
+        _write(out, search=search, final=final, fid=fid, url=url, stages=stages)
+        dest = storage.join(root, "report")
+        storage.publish_dir(out, dest, last="report.html")
+        return storage.join(dest, "report.html")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float]) -> None:
     pics: list[tuple[str, str]] = []
-    if (Path(search["search"]) / "fid_vs_step.png").exists():
-        shutil.copy(Path(search["search"]) / "fid_vs_step.png", out / "search_fid.png")
+    search_png = storage.join(search["search"], "fid_vs_step.png")
+    if storage.exists(search_png):
+        (out / "search_fid.png").write_bytes(storage.read_bytes(search_png))
         pics.append(("search_fid.png", f"{search['metric']} against step, every trial of the search"))
     if _final_curve(final["run_dir"], out / "final_fid.png"):
         pics.append(("final_fid.png", "the winner, trained longer"))
-    shutil.copy(final["grid"], out / "final_samples.png")
+    (out / "final_samples.png").write_bytes(storage.read_bytes(final["grid"]))
     pics.append(("final_samples.png", f"G_ema after {final['step']} steps (the run's fixed noise)"))
     try:
         with urllib.request.urlopen(f"{url}/sample.png?n=64&seed=0", timeout=60) as r:
@@ -96,4 +113,3 @@ def write(root: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
         "img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse;font-size:.85em}"
         "td,th{border:1px solid #ccc;padding:2px 6px}</style>"
         f"<h1>aigc_ray run report ({when})</h1><ul>{body}</ul><h2>Search</h2>{html_table}{figs}")
-    return out / "report.html"

@@ -1,6 +1,6 @@
 """A Ray Serve sampling service for a trained generator: FastAPI ingress, dynamic batching, autoscaling.
 
-    aigc-ray serve --best ~/aigc_ray/runs/fm-search/best.json          # or --checkpoint PATH
+    aigc-ray serve --best ~/aigc_ray/runs/fm-search/best.json          # or --checkpoint PATH, or s3://...
     serve run aigc_ray.serve:app_builder checkpoint=runs/demo            # Ray's own CLI
     serve deploy serve/config.yaml                                        # on a running cluster
     curl -s localhost:8000/sample.png?n=16\\&seed=0 -o grid.png
@@ -15,7 +15,6 @@ batch. Several checkpoints can be served side by side (the `models` registry, ch
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import math
@@ -58,7 +57,7 @@ class Sampler:
     """G_ema of one checkpoint, with what /info says about it."""
 
     def __init__(self, checkpoint: str | None = None, best: str | None = None, chunk: int = 16):
-        from .checkpoint import find, load_generator, read_best
+        from .checkpoint import load_generator, read_best
 
         self.best = None
         if best:
@@ -66,10 +65,9 @@ class Sampler:
             checkpoint = self.best["checkpoint"]
         if not checkpoint:
             raise ValueError("serve: give a checkpoint or a best.json")
-        path = find(checkpoint)
-        self.g, self.cfg, self.meta = load_generator(path)
-        self.path, self.chunk = str(path), chunk
-        self.version = f"step{self.meta['step']}-{hashlib.sha1((path / 'model.pt').read_bytes()).hexdigest()[:10]}"
+        self.g, self.cfg, self.meta = load_generator(checkpoint)  # any storage location: s3://..., a folder
+        self.path, self.chunk = self.meta["path"], chunk
+        self.version = f"step{self.meta['step']}-{self.meta['sha1'][:10]}"
 
     def noise(self, seeds: list[int], truncation: float | None) -> torch.Tensor:
         return torch.cat([noise(1, self.cfg.model.latent_dim, seed=s, truncation=truncation) for s in seeds])

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import storage
 from .config import Config, ConfigError, RunError, resolve, validate
 from .images import grid, png_bytes, to_uint8
 from .losses import LOSSES
@@ -194,23 +195,30 @@ def progress_line(m: dict[str, Any], total: int) -> str:
 
 
 class Logger:
-    """Prints progress lines and writes the same metrics as TensorBoard events under <run>/tensorboard."""
+    """Prints progress lines and writes the same metrics as TensorBoard events under <run>/tensorboard.
+
+    On an object store the events are written to a local folder and published after every flush."""
 
     def __init__(self, run_dir: str | None, total_steps: int, echo: bool = True):
-        self.run_dir, self.total, self.echo, self._writer = run_dir, total_steps, echo, None
+        self.run_dir, self.total, self.echo, self._writer, self._local = run_dir, total_steps, echo, None, None
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.echo:
             print(progress_line(metrics, self.total), flush=True)
-        if self.run_dir and "://" not in self.run_dir:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
+        if not self.run_dir:
+            return
+        tb = storage.join(self.run_dir, "tensorboard")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(Path(self.run_dir) / "tensorboard"))
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._writer.add_scalar(k, v, metrics["step"])
-            self._writer.flush()
+            self._local = tempfile.mkdtemp(prefix="aigc_tb_") if storage.is_remote(tb) else tb
+            self._writer = SummaryWriter(self._local)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self._writer.add_scalar(k, v, metrics["step"])
+        self._writer.flush()
+        if storage.is_remote(tb):
+            storage.publish_dir(self._local, tb)
 
 
 def _progress_callback(run_dir: str, total: int, echo: bool):
@@ -247,20 +255,22 @@ def worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
     torch.set_num_threads(t.cpus_per_worker)
 
-    data = data_mod.load(cfg.data, "train").shard(rank, world)
+    # [2] The images (and the scoring reference) from Ray's object store: one copy per node, shared by
+    #     its workers, whatever this node has on its own disk.
+    inputs = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in config["inputs"].items()}
+    data = data_mod.ImageSet.from_numpy(inputs["data"]).shard(rank, world)
 
-    # [2] DDP-wrap G and D. No buffer sync in forward: D is called on real and fake images before one
+    # [3] DDP-wrap G and D. No buffer sync in forward: D is called on real and fake images before one
     #     backward, and a buffer broadcast between those calls breaks autograd (BatchNorm stats).
     def wrap(m):
         return ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
     state = build_state(cfg, device, wrap=wrap if not local else (lambda m: m))
 
-    # [3] Resume from the latest checkpoint of this run (a re-run of the same name, or a restart).
-    resume = ray.train.get_checkpoint() if not local else _local_latest(run_dir)
+    # [4] Resume from the latest checkpoint of this run (a re-run of the same name, or a restart).
+    resume = _latest(run_dir, local)
     if resume is not None:
-        with resume.as_directory() as cdir:
-            load_state_dict(state, ckpt.load(cdir, map_location=device), restore_rng=rank == 0)
+        load_state_dict(state, ckpt.load(resume, map_location=device), restore_rng=rank == 0)
         if rank != 0:
             torch.manual_seed(t.seed + 7919 * rank + state.step)
     else:
@@ -292,21 +302,26 @@ def worker_loop(config: dict[str, Any]) -> None:
         metrics.update(step=s, images_seen=s * cfg.loss.n_critic * t.batch_size * world,
                        images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / elapsed,
                        epoch=batches.i // batches.per_epoch)
-        checkpoint, tmp = None, None
+        checkpoint, marker = None, None
         if is_eval:  # every worker generates its share; the statistics are all-reduced
-            metrics.update(_evaluate(state, cfg, rank, world, device))
-        if is_ckpt:
-            if rank == 0:
-                tmp = Path(tempfile.mkdtemp(prefix="aigc_ckpt_"))
-                ckpt.save(tmp, state=state_dict(state), cfg=cfg, grid_png=sample_grid(state, cfg), metrics=metrics)
-                checkpoint = _persist_local(tmp, run_dir, s, t.keep_checkpoints) if local else \
-                    ray.train.Checkpoint.from_directory(str(tmp))
+            metrics.update(_evaluate(state, cfg, inputs["eval"], rank, world, device))
+        name = f"checkpoint_{s:08d}"
+        if is_ckpt and rank == 0:
+            files = ckpt.encode(state=state_dict(state), cfg=cfg, grid_png=sample_grid(state, cfg), metrics=metrics)
+            if local:  # no Ray storage in local mode: the folder and its pruning are ours
+                ckpt.write(storage.join(run_dir, name), files)
+                _prune(run_dir, t.keep_checkpoints)
+            else:  # files straight to storage; Ray copies the marker (meta.json) last and registers the folder
+                marker = Path(tempfile.mkdtemp(prefix="aigc_ckpt_"))
+                (marker / ckpt.META_FILE).write_bytes(files.pop(ckpt.META_FILE))
+                ckpt.write(storage.join(run_dir, name), files)
+                checkpoint = ray.train.Checkpoint.from_directory(str(marker))
         if logger:
             logger.log(metrics)
-        # [4] Report metrics (a barrier: every worker calls it) and rank 0's checkpoint.
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{s:08d}" if checkpoint and not local else None)
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # [5] Report metrics (a barrier: every worker calls it) and rank 0's checkpoint.
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        if marker is not None:
+            shutil.rmtree(marker, ignore_errors=True)
         window, n_window, t0 = {}, 0, time.perf_counter()
 
 
@@ -317,45 +332,57 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by file
 
 
-def _evaluate(state: TrainState, cfg: Config, rank: int, world: int, device) -> dict[str, float]:
+def _evaluate(state: TrainState, cfg: Config, ref: dict, rank: int, world: int, device) -> dict[str, float]:
     """The configured metric on G_ema, each worker generating its share of the samples."""
     from . import metrics as metrics_mod
 
     g = state.g_ema if state.g_ema is not None else unwrap(state.g)
-    return metrics_mod.evaluate_in_training(g, cfg, rank=rank, world=world, device=device)
+    return metrics_mod.evaluate_in_training(g, cfg, ref, rank=rank, world=world, device=device)
 
 
-def _local_latest(run_dir: str):
+def _latest(run_dir: str, local: bool) -> str | None:
+    """The checkpoint to resume from: Ray's latest (restarts, re-runs), or in local mode the newest complete one."""
     import ray.train
 
+    if not local:
+        c = ray.train.get_checkpoint()
+        return storage.join(run_dir, storage.name(c.path)) if c is not None else None
     try:
-        return ray.train.Checkpoint.from_directory(str(ckpt.find(run_dir)))
+        return ckpt.find(run_dir)
     except ckpt.CheckpointError:
         return None
 
 
-def _persist_local(tmp: Path, run_dir: str, step: int, keep: int):
-    """Local mode (no Ray storage): move the checkpoint into the run folder ourselves, prune old ones."""
-    import ray.train
-
-    dest = Path(run_dir) / f"checkpoint_{step:08d}"
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(tmp, dest)
+def _prune(run_dir: str, keep: int) -> None:
+    """Local mode: keep the newest `keep` complete checkpoints of the run (0: all)."""
     if keep:
-        done = sorted(p for p in Path(run_dir).glob("checkpoint_*") if ckpt.is_complete(p))
+        done = sorted(d for d, _ in ckpt.complete_checkpoints(run_dir) if storage.parent(d) == run_dir)
         for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return ray.train.Checkpoint.from_directory(str(dest))
+            storage.delete(old)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The driver.
 
 
-def check_data(cfg: Config) -> None:
-    """Make sure the dataset is there (downloading or decoding it once if needed), before Ray starts."""
+def check_inputs(cfg: Config) -> None:
+    """Before Ray starts: the storage can be written (bucket, credentials, endpoint) and the dataset is there."""
+    storage.check(cfg.run.storage)
     data_mod.ensure(cfg.data)
+
+
+def make_inputs(cfg: Config, local: bool = False) -> dict[str, Any]:
+    """What every worker needs, made once by the driver: the training images and, with train.eval_every,
+    the scoring reference. Put in Ray's object store (unless local), so workers on any node read them
+    from there, one copy per node, and no worker looks for a dataset or a cache on its own disk."""
+    import ray
+
+    from . import metrics
+
+    inputs: dict[str, Any] = {"data": data_mod.load(cfg.data, "train").to_numpy()}
+    if cfg.train.eval_every:
+        inputs["eval"] = metrics.training_reference(cfg)
+    return inputs if local else {k: ray.put(v) for k, v in inputs.items()}
 
 
 def check_cluster(cfg: Config) -> None:
@@ -376,6 +403,19 @@ def check_cluster(cfg: Config) -> None:
         raise ConfigError(f"train.use_gpu: {t.num_workers} GPU workers, the cluster has {res.get('GPU', 0):g} GPUs")
 
 
+def _say_resume(cfg: Config, run_dir: str) -> None:
+    """A run that continues says so first, with the step and the checkpoint it continues from."""
+    try:
+        latest = ckpt.find(run_dir)
+    except ckpt.CheckpointError:
+        return
+    step = ckpt.read_meta(latest)["step"]
+    if step >= cfg.train.steps:
+        print(f"[aigc_ray] {cfg.run.name} is already at step {step} of {cfg.train.steps} ({latest})", flush=True)
+    else:
+        print(f"[aigc_ray] resuming {cfg.run.name} from step {step} (checkpoint {latest})", flush=True)
+
+
 def prepare(cfg: Config) -> Config:
     """Validate and resolve 'auto' values (channels, classes, GPU, AMP, name) against data and cluster."""
     import ray
@@ -389,59 +429,59 @@ def prepare(cfg: Config) -> Config:
 
 
 def run_dir_of(cfg: Config) -> str:
-    storage = cfg.run.storage
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/{cfg.run.name}"
-    return str(Path(storage).expanduser().resolve() / cfg.run.name)
+    return storage.join(storage.normalize(cfg.run.storage), cfg.run.name)
 
 
 def _check_resumable(cfg: Config, run_dir: str) -> None:
     """A re-run may change how long and how fast it trains, not what it trains."""
-    saved = Path(run_dir) / ckpt.CONFIG_FILE
-    if "://" in run_dir or not saved.exists():
+    saved = storage.join(run_dir, ckpt.CONFIG_FILE)
+    if not storage.exists(saved):
         return
-    old = json.loads(saved.read_text())
+    old = json.loads(storage.read_text(saved))
     new = cfg.to_dict()
     for section in ("data", "model", "loss"):
         for k, v in new[section].items():
+            if k in ("cache", "root", "download"):  # where data comes from, not what it is
+                continue
             if old.get(section, {}).get(k, v) != v:
                 raise ConfigError(f"run {cfg.run.name!r} exists with {section}.{k}={old[section][k]!r}, "
                                   f"not {v!r}: resume it unchanged or pick a new --name")
 
 
 def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
-        keep_best_by: str | None = None, driver_cpus: float = 0.0) -> dict[str, Any]:
+        keep_best_by: str | None = None, driver_cpus: float = 0.0, inputs: dict | None = None) -> dict[str, Any]:
     """Train (or resume) the run cfg.run.name; returns its final metrics and latest checkpoint path.
 
     keep_best_by: a metric (e.g. "fid_domain") by which Ray keeps the best checkpoints, not the newest.
     driver_cpus: CPUs the caller (a Tune trial) already holds; taken off the workers' request so that
     trial + workers ask for exactly num_workers x cpus_per_worker and concurrent trials fit the cluster.
+    inputs: make_inputs(cfg) made by a caller that shares them between runs (a search); else made here.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .metrics import prepare_in_training
-
     cfg = prepare(cfg)
     t, run_dir = cfg.train, run_dir_of(cfg)
     _check_resumable(cfg, run_dir)
-    prepare_in_training(cfg)  # the domain classifier and reference stats, before any worker needs them
-    if "://" not in run_dir:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / ckpt.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
     local = t.num_workers == 0
+    if inputs is None:
+        inputs = make_inputs(cfg, local)  # a dataset or reference that cannot be had fails here, before a write
+    storage.write_text(storage.join(run_dir, ckpt.CONFIG_FILE), json.dumps(cfg.to_dict(), indent=2))
+    if not quiet:
+        _say_resume(cfg, run_dir)
     cbs = list(callbacks or [])
     if not local:
         cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet))
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet},
+        train_loop_config={"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet,
+                           "inputs": inputs},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker - driver_cpus /
                                                                      max(1, t.num_workers)}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(Path(run_dir).parent) if "://" not in run_dir else cfg.run.storage,
+            **storage.ray_storage(storage.parent(run_dir)),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=t.keep_checkpoints or None, checkpoint_score_attribute=keep_best_by,
@@ -459,10 +499,13 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
         cause = " ".join(str(e).split())[:400]
         raise TrainingFailed(f"run {cfg.run.name!r} failed and max_failures={t.max_failures} restarts were used up; "
                              f"{last}; run the same --name again to resume. Cause: {cause}") from None
-    latest = result.checkpoint.path if result.checkpoint is not None else str(ckpt.find(run_dir))
-    meta = ckpt.read_meta(latest) if "://" not in latest else {"step": None, "metrics": {}}
+    if result.checkpoint is not None:
+        latest = storage.join(run_dir, storage.name(result.checkpoint.path))
+    else:
+        latest = ckpt.find(run_dir)
+    meta = ckpt.read_meta(latest)
     metrics = {**meta.get("metrics", {}), **(result.metrics or {})}
     return {"checkpoint": latest, "run_dir": run_dir, "step": metrics.get("step", meta.get("step")),
             "images_per_s": metrics.get("images_per_s"), "loss_d": metrics.get("loss_d"),
-            "loss_g": metrics.get("loss_g"), "grid": str(Path(latest) / ckpt.GRID_FILE),
+            "loss_g": metrics.get("loss_g"), "grid": storage.join(latest, ckpt.GRID_FILE),
             **{k: v for k, v in metrics.items() if k in ("fid", "fid_domain", "wasserstein")}}

@@ -16,11 +16,13 @@ the contract with serving (checkpoint, metric, value, step, config, trial id).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, all_keys, replace, validate
+from . import storage as storage_mod
+from .config import Config, ConfigError, all_keys, replace, validate, with_cache
 from .metrics import METRIC_KEYS
 
 DEFAULT_SPACE: dict[str, Any] = {
@@ -52,6 +54,8 @@ def parse_space(space: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"search space: unknown key {key!r}; keys look like 'optim.lr_g'")
         if key.startswith("run.") or key in ("train.num_workers", "train.steps", "train.use_gpu"):
             raise ConfigError(f"search space: {key} is set by the search itself, not searched")
+        if key.startswith("data."):
+            raise ConfigError(f"search space: {key}: every trial trains on the same data; set it with a flag")
         if not isinstance(spec, dict):
             validate(replace(Config(), {key: spec}))  # check a fixed value as a flag would be
             out[key] = spec
@@ -88,8 +92,11 @@ def load_space(path: str | None) -> dict[str, Any]:
         raise ConfigError(f"search space: cannot parse {p}: {str(e).splitlines()[0]}") from None
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: a Ray Train run (possibly many workers) named after the trial."""
+def _trial(config: dict[str, Any], inputs: dict) -> None:
+    """One Tune trial: a Ray Train run (possibly many workers) named after the trial.
+
+    inputs: the images and scoring reference the search driver put in the object store once
+    (train.make_inputs); a trial runs on any node and never loads data of its own."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -98,7 +105,7 @@ def _trial(config: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = replace(Config.from_dict(config["base"]), {**config["space"], "run.name": f"train-{trial_id}"})
     train.fit(cfg, callbacks=[TuneReportCallback()], quiet=True, keep_best_by=config["metric_key"],
-              driver_cpus=TRIAL_CPUS)
+              driver_cpus=TRIAL_CPUS, inputs=inputs)
 
 
 def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps: int, metric: str = "fid-domain",
@@ -114,7 +121,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     from ray.tune.schedulers import ASHAScheduler
 
     from . import data as data_mod
-    from . import metrics
+    from . import train
 
     # Check everything a user can get wrong before any trial starts.
     if num_trials <= 0 or max_steps <= 0:
@@ -128,11 +135,12 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     param_space = parse_space(space if space is not None else DEFAULT_SPACE)
     eval_every = eval_every or max(1, max_steps // 6)
     grace_steps = grace_steps or eval_every
-    base = validate(replace(base, {"train.steps": max_steps, "train.num_workers": workers_per_trial,
+    base = with_cache(validate(replace(base, {"train.steps": max_steps, "train.num_workers": workers_per_trial,
                                    "train.use_gpu": gpus_per_trial > 0, "train.eval_every": eval_every,
                                    "train.log_every": eval_every, "train.ckpt_every": eval_every,
                                    "train.eval_metric": metric, "train.eval_samples": eval_samples,
-                                   "train.keep_checkpoints": 2, "train.max_failures": 1, "train.seed": seed}))
+                                   "train.keep_checkpoints": 2, "train.max_failures": 1, "train.seed": seed,
+                                   "run.storage": storage_mod.normalize(storage)})))
     resources = ray.cluster_resources()
     per_trial = workers_per_trial * base.train.cpus_per_worker
     if per_trial > resources.get("CPU", 0):
@@ -141,19 +149,25 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     if gpus_per_trial and workers_per_trial > resources.get("GPU", 0):
         raise ConfigError(f"tune: {workers_per_trial} GPU workers per trial, the cluster has "
                           f"{resources.get('GPU', 0):g} GPUs")
-    data_mod.ensure(base.data)
-    metrics.reference(base.data, "test", metric, log=log)  # the extractor and reference, cached once
     if metric == "fid-domain" and not data_mod.info(base.data)[1]:
         raise ConfigError("tune: fid-domain needs a labeled dataset; use --metric fid")
+    train.check_inputs(base)
     concurrent = max_concurrent or max(1, int(resources.get("CPU", 1) // per_trial))
 
-    root = Path(storage).expanduser().resolve()
-    search_dir = root / name
+    root = storage_mod.normalize(storage)
+    search_dir = storage_mod.join(root, name)
     metric_key = METRIC_KEYS[metric]
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPUS})  # the Train workers hold the real CPUs
-    if tune.Tuner.can_restore(str(search_dir)):
+    # The images and the scoring reference (domain classifier, test statistics), made once here and
+    # shared by every trial through the object store.
+    inputs = train.make_inputs(base)
+    trainable = tune.with_resources(tune.with_parameters(_trial, inputs=inputs),
+                                    {"cpu": TRIAL_CPUS})  # the Train workers hold the real CPUs
+    where = storage_mod.ray_storage(root)
+    fs = where.get("storage_filesystem")
+    restore_path = search_dir if fs is None else storage_mod.filesystem(search_dir)[1]
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=fs):
         log(f"[aigc_ray] resuming search {name} from {search_dir}")
-        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
         search_alg = None
         if searcher == "optuna":
@@ -170,13 +184,15 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
                 search_alg=search_alg,
                 scheduler=ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps,
                                         reduction_factor=2)),
-            run_config=tune.RunConfig(name=name, storage_path=str(root), verbose=0),
+            # A trial whose node dies starts again elsewhere, resuming its Train run from storage.
+            run_config=tune.RunConfig(name=name, **where, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=2)),
         )
     grid = tuner.fit()
     return _report(grid, search_dir, metric_key, max_steps, log)
 
 
-def _report(grid, search_dir: Path, metric_key: str, max_steps: int, log) -> dict[str, Any]:
+def _report(grid, search_dir: str, metric_key: str, max_steps: int, log) -> dict[str, Any]:
     """trials.csv, the FID plot, the table and best.json from a finished (or resumed) search."""
     import pandas as pd
 
@@ -184,7 +200,7 @@ def _report(grid, search_dir: Path, metric_key: str, max_steps: int, log) -> dic
     for r in grid:
         if r.metrics_dataframe is None or r.metrics_dataframe.empty:
             continue
-        trial_id = r.metrics.get("trial_id") or Path(r.path).name
+        trial_id = r.metrics.get("trial_id") or storage_mod.name(r.path)
         df = r.metrics_dataframe.assign(trial_id=trial_id)
         frames.append(df)
         space = r.config.get("space", {})
@@ -193,13 +209,14 @@ def _report(grid, search_dir: Path, metric_key: str, max_steps: int, log) -> dic
         rows.append({"trial": trial_id, **{_column(k): _short(v) for k, v in space.items()},
                      "steps": int(df["step"].max()), f"best_{metric_key}": None if best is None else float(best[metric_key]),
                      "best_step": None if best is None else int(best["step"]),
-                     "checkpoint": None if best is None else best.get("checkpoint_path"),
+                     "checkpoint": None if best is None or not isinstance(best.get("checkpoint_path"), str)
+                     else storage_mod.from_fs_path(best["checkpoint_path"], like=search_dir),
                      "_config": r.config, "error": str(r.error).splitlines()[0] if r.error else ""})
     if not frames:
         raise ConfigError(f"tune: no trial reported a result; see the logs under {search_dir}")
-    search_dir.mkdir(parents=True, exist_ok=True)
-    pd.concat(frames, ignore_index=True).to_csv(search_dir / "trials.csv", index=False)
-    _plot(frames, metric_key, search_dir / "fid_vs_step.png")
+    write = storage_mod.write_text
+    write(storage_mod.join(search_dir, "trials.csv"), pd.concat(frames, ignore_index=True).to_csv(index=False))
+    storage_mod.write_bytes(storage_mod.join(search_dir, "fid_vs_step.png"), _plot(frames, metric_key))
     table = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_") and k != "checkpoint"} for r in rows])
     table = table.sort_values(f"best_{metric_key}", na_position="last")
     log("\n" + table.to_string(index=False))
@@ -207,13 +224,12 @@ def _report(grid, search_dir: Path, metric_key: str, max_steps: int, log) -> dic
     if not ranked:
         raise ConfigError(f"tune: no trial reported {metric_key} with a checkpoint; see {search_dir}")
     win = min(ranked, key=lambda r: r[f"best_{metric_key}"])
-    cfg_path = Path(win["checkpoint"]) / "config.json"
     best = {"checkpoint": win["checkpoint"], "metric": metric_key, "value": win[f"best_{metric_key}"],
-            "step": win["best_step"], "trial_id": win["trial"], "search": str(search_dir),
-            "config": json.loads(cfg_path.read_text()) if cfg_path.exists() else None,
+            "step": win["best_step"], "trial_id": win["trial"], "search": search_dir,
+            "config": json.loads(storage_mod.read_text(storage_mod.join(win["checkpoint"], "config.json"))),
             "steps_run": int(sum(r["steps"] for r in rows)), "steps_full_grid": len(rows) * max_steps}
-    (search_dir / "best.json").write_text(json.dumps(best, indent=2))
-    best["best_json"] = str(search_dir / "best.json")
+    write(storage_mod.join(search_dir, "best.json"), json.dumps(best, indent=2))
+    best["best_json"] = storage_mod.join(search_dir, "best.json")
     best["table"] = table.astype(object).where(table.notna(), None).to_dict("records")
     best["worst_value"] = max(r[f"best_{metric_key}"] for r in ranked)
     best["trials"] = len(rows)
@@ -228,7 +244,8 @@ def _short(v: Any) -> Any:
     return float(f"{v:.3g}") if isinstance(v, float) else v
 
 
-def _plot(frames, metric_key: str, path: Path) -> None:
+def _plot(frames, metric_key: str) -> bytes:
+    """The metric against step for every trial, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,8 +263,10 @@ def _plot(frames, metric_key: str, path: Path) -> None:
     ax.set_title(f"{metric_key} against step, every trial (ASHA stops the laggards)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()
 
 
 def budget_line(best: dict[str, Any]) -> str:

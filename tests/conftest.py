@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray cluster for the whole session (ray.init costs ~7 s here), tiny configs."""
+"""Shared fixtures: one Ray cluster for the whole session (ray.init costs ~7 s here), tiny configs, and an
+S3-compatible object store (moto's server on loopback, with real credential checks)."""
 
 import os
 
@@ -32,3 +33,25 @@ def tiny(tmp_path):
         return replace(Config(), base)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 with IAM authentication on (aigc_ray.nodes.ObjectStore): a bucket
+    `aigc`, and the environment (AWS_ENDPOINT_URL, keys, region) a process needs to use it."""
+    from aigc_ray.nodes import ObjectStore
+
+    with ObjectStore(tmp_path_factory.mktemp("moto") / "moto.log") as store:
+        yield store
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process talks to the test object store (storage's S3 filesystem rebuilt from the env)."""
+    from aigc_ray import storage
+
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    storage._s3.cache_clear()
+    yield s3
+    storage._s3.cache_clear()

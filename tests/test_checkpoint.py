@@ -67,13 +67,13 @@ def test_a_truncated_checkpoint_names_the_file(run, tmp_path):
 
 def test_a_half_written_checkpoint_is_never_the_latest(run, tmp_path):
     dst, c4 = _copy(run, tmp_path)
-    assert ckpt.find(dst) == c4
+    assert ckpt.find(dst) == str(c4)
     half = dst / "checkpoint_00000006"  # a crash mid-write: model.pt there, meta.json not yet
     half.mkdir()
     shutil.copy(c4 / "model.pt", half / "model.pt")
-    assert ckpt.find(dst) == c4
+    assert ckpt.find(dst) == str(c4)
     (c4 / "samples.png").write_bytes(b"")  # a file shorter than meta.json says
-    assert ckpt.find(dst) == dst / "checkpoint_00000002"
+    assert ckpt.find(dst) == str(dst / "checkpoint_00000002")
     # Resume picks the same: a run resumed from this folder continues from step 2.
     assert ckpt.load(dst)["step"] == 2
 

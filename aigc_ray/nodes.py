@@ -1,0 +1,207 @@
+"""A real multi-node Ray cluster on one machine, whose nodes share no files, and an S3-compatible server.
+
+    with ObjectStore() as s3, Cluster(tmp, env=s3.env) as c:   # head: 0 CPUs; nodes: their own namespaces
+        node = c.add_node(cpus=2)
+        c.wait_nodes(2)
+        c.cli("train", "--storage", "s3://aigc/runs", ...)          # a driver on the head's machine
+        c.kill_node(node)                                           # every process of that node, at once
+
+What the multi-node tests and `bench/train_throughput.py --cluster` run on (Linux, as root):
+- The head: `ray start --head --num-cpus 0`, so no Train worker, trial, task or replica runs there.
+- A worker node: `ray start --address ...` inside its own mount and PID namespaces (`unshare -m -p`),
+  with tmpfs over /tmp, /dev/shm, the caches and its home folder. It sees the installed package and
+  nothing another process wrote, as a separate machine would; its auth token and S3 credentials come
+  from its environment, as a real node's would. Killing the init of its PID namespace kills every
+  process of the node at once: a machine going away.
+- The object store: moto's S3 server on 127.0.0.1 with IAM authentication on (wrong keys are refused
+  as AWS refuses them), a user allowed s3:*, and a bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class ObjectStore:
+    """moto's S3 server on loopback, with real credential checks, one user and one bucket."""
+
+    def __init__(self, log: Path | str = os.devnull, bucket: str = "aigc"):
+        import boto3
+
+        (self.port,) = free_ports(1)
+        self.endpoint, self.bucket = f"http://127.0.0.1:{self.port}", bucket
+        # The first three requests (the user, its key and its policy) run unauthenticated; every later one
+        # must be signed with that user's keys.
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from moto.server import ThreadedMotoServer as T; "
+             "T(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False).start(); time.sleep(1e9)",
+             str(self.port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        try:
+            _wait_port(self.port)
+            iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                               aws_access_key_id="setup", aws_secret_access_key="setup")
+            iam.create_user(UserName="aigc")
+            key = iam.create_access_key(UserName="aigc")["AccessKey"]
+            iam.put_user_policy(UserName="aigc", PolicyName="s3", PolicyDocument=json.dumps({
+                "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+            self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true"}
+            self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                       aws_access_key_id=key["AccessKeyId"],
+                                       aws_secret_access_key=key["SecretAccessKey"])
+            self.client.create_bucket(Bucket=bucket)
+        except BaseException:
+            self.close()
+            raise
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Cluster:
+    """A head node with no CPUs; worker nodes added in namespaces of their own. Stopped on close."""
+
+    def __init__(self, tmp: Path | str, env: dict[str, str] | None = None):
+        self.tmp = Path(tmp)
+        self.port, self.dash, *agent = free_ports(6)
+        self.env = {**os.environ, **(env or {}), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DEDUP_LOGS": "1"}
+        self.env.pop("AIGC_RAY_CACHE", None)  # caches go under the storage, as on a real cluster
+        self.address, self.dashboard = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{self.dash}"
+        self.nodes: list[subprocess.Popen] = []
+        (self.tmp / "head").mkdir(parents=True, exist_ok=True)
+        self.head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=0", "--node-ip-address=127.0.0.1",
+             f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+             "--include-dashboard=true", *self._agent_flags(agent), "--object-store-memory=500000000",
+             "--disable-usage-stats", f"--temp-dir={self.tmp / 'head'}"],
+            env=self.env, stdout=open(self.tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    @staticmethod
+    def _agent_flags(ports) -> list[str]:
+        # Every node needs agent ports of its own: they all listen on the same loopback address.
+        a, g, r, m = ports
+        return [f"--dashboard-agent-listen-port={a}", f"--dashboard-agent-grpc-port={g}",
+                f"--runtime-env-agent-port={r}", f"--metrics-export-port={m}"]
+
+    def add_node(self, cpus: int = 2) -> subprocess.Popen:
+        """A worker node in its own mount + PID namespace, seeing none of the files others wrote."""
+        home = Path.home()
+        hide = [p for p in (home / ".cache", home / "aigc_ray", home / ".ray", REPO / ".cache", REPO / "runs")
+                if p.is_dir()]
+        mounts = "; ".join(["mount -t tmpfs none /tmp", "mount -t tmpfs none /dev/shm",
+                            *(f"mount -t tmpfs none {p}" for p in hide), "mkdir -p /tmp/home"])
+        ray = " ".join([str(BIN / "ray"), "start", "--block", f"--address={self.address}", f"--num-cpus={cpus}",
+                        "--node-ip-address=127.0.0.1", "--object-store-memory=500000000", "--disable-usage-stats",
+                        *self._agent_flags(free_ports(4)), "--temp-dir=/tmp/ray"])
+        log = open(self.tmp / f"node{len(self.nodes)}.log", "w")
+        node = subprocess.Popen(["unshare", "-m", "-p", "--fork", "--mount-proc", "bash", "-c",
+                                 f"set -e; {mounts}; export HOME=/tmp/home; cd /tmp/home; exec {ray}"],
+                                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(node)
+        return node
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """SIGKILL the node's PID-namespace init: the kernel kills every process of that node at once."""
+        import psutil
+
+        for child in psutil.Process(node.pid).children():
+            child.kill()
+        node.wait(timeout=60)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+
+    def alive_nodes(self) -> int:
+        import httpx
+
+        r = httpx.get(f"{self.dashboard}/api/v0/nodes", headers=self.auth, timeout=30,
+                      params={"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"})
+        return len(r.json()["data"]["result"]["result"])
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.alive_nodes() == n:
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{n} nodes not alive after {timeout} s; the logs are in {self.tmp}")
+
+    def cli(self, *args, timeout: float = 600, env: dict | None = None, connect: bool = True,
+            **kw) -> subprocess.CompletedProcess:
+        """An aigc-ray command whose driver runs here, on the head's machine, against this cluster."""
+        address = ["--address", self.address] if connect else []
+        return subprocess.run([str(BIN / "aigc-ray"), *args, *address], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, **kw)
+
+    def cli_bg(self, *args, log: Path) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "aigc-ray"), *args, "--address", self.address], env=self.env,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.poll() is None:
+                self.kill_node(node)
+        self.head.send_signal(signal.SIGTERM)  # --block: stopping this process stops the head
+        try:
+            self.head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.head.pid, signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

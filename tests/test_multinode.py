@@ -1,0 +1,233 @@
+"""A real 2-node Ray cluster whose nodes share no files, with S3-compatible storage, on one machine.
+
+- The head: `ray start --head --num-cpus 0`, so no Train worker, trial, task or replica can run there.
+- The worker node: `ray start --address ...` inside its own mount and PID namespaces (`unshare -m -p`),
+  with tmpfs over /tmp, /dev/shm, the caches and its home folder: it sees the installed package and
+  nothing any other process wrote, as a separate machine would. Its auth token and S3 credentials
+  come from its environment, as a real node's would.
+- Storage: moto's S3 server on loopback (the `s3` fixture), as `--storage s3://aigc/...`.
+
+Killing a worker node kills the init process of its PID namespace: every process of the node dies at
+once, as when a machine goes away. Every command runs as a user would run it: the CLI in a subprocess
+(its driver on the head), and the pipeline through `ray job submit`.
+"""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigc_ray.nodes import BIN, REPO, Cluster, free_ports
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--dataset", "mnist-5k", "--ngf", "8", "--ndf", "8", "--latent-dim", "16", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    with Cluster(tmp_path_factory.mktemp("nodes"), env=s3.env) as c:
+        c.s3 = s3
+        c.wait_nodes(1)
+        c.add_node()
+        c.wait_nodes(2)
+        yield c
+
+
+def _objects(s3, prefix: str) -> list[str]:
+    return s3.keys(prefix)
+
+
+@contextlib.contextmanager
+def _storage_env(s3):
+    from aigc_ray import storage
+
+    saved = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    storage._s3.cache_clear()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        storage._s3.cache_clear()
+
+
+def _json_line(stdout: str) -> dict:
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
+
+
+def test_training_on_the_worker_node_checkpoints_to_s3(cluster, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = cluster.cli("train", *TINY, "--num-workers", "2", "--steps", "6", "--ckpt-every", "3", "--log-every", "3",
+                    "--eval-every", "6", "--eval-samples", "64", "--storage", "s3://aigc/runs", "--name", "ddp",
+                    "--json", cwd=tmp_path, env={"HOME": str(home)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = _json_line(r.stdout)
+    assert out["checkpoint"] == "s3://aigc/runs/ddp/checkpoint_00000006" and out["step"] == 6
+    assert out["fid_domain"] > 0  # scored by the workers with the reference the driver shipped them
+    keys = _objects(cluster.s3, "runs/ddp/")
+    assert {"runs/ddp/checkpoint_00000006/meta.json", "runs/ddp/checkpoint_00000006/model.pt",
+            "runs/ddp/checkpoint_00000003/samples.png", "runs/ddp/config.json"} <= set(keys)
+    assert any(k.startswith("runs/ddp/tensorboard/events.out.tfevents") for k in keys)
+    assert _objects(cluster.s3, "runs/.cache/domain/")  # the domain classifier is the storage's, not a node's
+    r = cluster.cli("sample", "--checkpoint", "s3://aigc/runs/ddp", "--n", "4", "--out", str(tmp_path / "g.png"),
+                    "--json", cwd=tmp_path, connect=False)
+    assert r.returncode == 0 and _json_line(r.stdout)["step"] == 6, r.stderr[-2000:]
+    assert Image.open(tmp_path / "g.png").size == (70, 70)
+    assert not list(home.rglob("aigc_ray")) and not (tmp_path / "runs").exists()  # nothing local
+
+
+def test_a_worker_node_dies_and_the_run_finishes_on_a_fresh_one(cluster, tmp_path):
+    steps = 600
+    proc = cluster.cli_bg("train", *TINY, "--num-workers", "2", "--steps", str(steps), "--ckpt-every", "25",
+                          "--log-every", "25", "--max-failures", "3", "--storage", "s3://aigc/runs",
+                          "--name", "nodeloss", "--json", log=tmp_path / "train.log")
+    try:
+        deadline = time.time() + 300
+        while not any(k.endswith("meta.json") for k in _objects(cluster.s3, "runs/nodeloss/checkpoint_")):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.5)
+        cluster.kill_node(cluster.nodes[-1])  # the node and both Train workers on it are gone
+        cluster.add_node()  # a fresh machine: empty disk, same package
+        assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "train.log").read_text()
+    out = _json_line(log)
+    assert out["step"] == steps and out["checkpoint"] == f"s3://aigc/runs/nodeloss/checkpoint_{steps:08d}"
+    from aigc_ray import checkpoint as ckpt
+
+    with _storage_env(cluster.s3):
+        state = ckpt.load(out["checkpoint"])
+    assert state["step"] == steps and state["opt_g"]["state"][0]["step"] == steps  # Adam counted every G step
+
+
+def test_a_search_writes_best_json_to_s3(cluster, tmp_path):
+    r = cluster.cli("tune", *TINY, "--num-trials", "2", "--max-steps", "4", "--eval-every", "2",
+                    "--eval-samples", "64", "--max-concurrent", "2", "--storage", "s3://aigc/runs",
+                    "--name", "search", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    best = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="runs/search/best.json")["Body"].read())
+    assert best["checkpoint"].startswith("s3://aigc/runs/train-") and best["metric"] == "fid_domain"
+    assert {"runs/search/trials.csv", "runs/search/fid_vs_step.png"} <= set(_objects(cluster.s3, "runs/search/"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_serve_loads_the_winner_from_s3_on_the_worker_node_and_heals(cluster, tmp_path):
+    (port,) = free_ports(1)
+    r = cluster.cli("serve", "--best", "s3://aigc/runs/search/best.json", "--port", str(port), "--ingress", "proxy",
+                    "--proxy-location", "HeadOnly", "--detach", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    url = f"http://127.0.0.1:{port}"
+    info = httpx.get(f"{url}/info", timeout=60).json()
+    assert info["checkpoint"].startswith("s3://aigc/runs/train-")
+    first = httpx.get(f"{url}/sample.png", params={"n": 4, "seed": 1}, timeout=60)
+    assert first.status_code == 200 and Image.open(io.BytesIO(first.content)).size == (70, 70)
+    # The replica's node goes away; Serve starts a replica on a fresh node, which loads from S3 again.
+    cluster.kill_node(cluster.nodes[-1])
+    cluster.add_node()
+    deadline, again = time.time() + 240, None
+    while time.time() < deadline:
+        try:
+            again = httpx.get(f"{url}/sample.png", params={"n": 4, "seed": 1}, timeout=30)
+            if again.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert again is not None and again.status_code == 200 and again.content == first.content
+
+
+def _upload_faces(s3, prefix: str, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+        s3.client.put_object(Bucket="aigc", Key=f"{prefix}/{i:03d}.png", Body=buf.getvalue())
+
+
+def test_folder_data_from_s3_and_from_a_folder_only_the_head_has(cluster, tmp_path):
+    _upload_faces(cluster.s3, "faces", 150)
+    args = ["--image-size", "32", "--ngf", "8", "--ndf", "8", "--latent-dim", "16", "--batch-size", "8",
+            "--num-workers", "2", "--steps", "4", "--ckpt-every", "4", "--storage", "s3://aigc/runs", "--json"]
+    r = cluster.cli("train", "--dataset", "folder:s3://aigc/faces/", "--name", "faces-s3", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _json_line(r.stdout)["step"] == 4
+    assert _objects(cluster.s3, "runs/.cache/decoded/")  # decoded by Ray tasks, cached under the storage
+    local = tmp_path / "faces"  # under /tmp: the worker node has its own, empty /tmp
+    local.mkdir()
+    for i in range(150):
+        Image.fromarray(np.full((20, 24, 3), i, dtype=np.uint8)).save(local / f"{i:03d}.png")
+    r = cluster.cli("train", "--dataset", f"folder:{local}", "--name", "faces-local", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _json_line(r.stdout)["checkpoint"] == "s3://aigc/runs/faces-local/checkpoint_00000004"
+
+
+def _submit(cluster, *args) -> str:
+    deadline = time.time() + 60
+    while True:  # a fresh head refuses jobs until its dashboard agent registers: try again, as Ray says
+        out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir",
+                              str(REPO), "--runtime-env-json", json.dumps({"env_vars": {"RAY_ADDRESS": cluster.address}}),
+                              "--no-wait", "--", "python", "jobs/pipeline.py", *args],
+                             env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
+
+
+def _wait(cluster, job_id, timeout=900):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard, headers=cluster.auth)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status), client.get_job_logs(job_id)
+        time.sleep(2)
+    client.stop_job(job_id)
+    return "TIMEOUT", client.get_job_logs(job_id)
+
+
+PIPELINE = [*TINY, "--eval-samples", "64", "--num-trials", "2", "--search-steps", "4", "--final-steps", "6",
+            "--final-workers", "2", "--fid-samples", "20", "--ref-images", "20", "--ingress", "proxy",
+            "--proxy-location", "HeadOnly"]
+
+
+def test_a_bad_job_fails_fast_and_deploys_nothing(cluster):
+    job = _submit(cluster, *PIPELINE, "--lr-g", "-1", "--storage", "s3://aigc/pipe", "--name", "bad")
+    status, logs = _wait(cluster, job, timeout=180)
+    assert status.endswith("FAILED"), logs[-2000:]
+    assert "optim.lr_g: must be > 0" in logs and "Traceback" not in logs
+    apps = httpx.get(cluster.dashboard + "/api/serve/applications/", timeout=30, headers=cluster.auth).json()
+    assert "pipe" not in (apps.get("applications") or {})
+    assert not _objects(cluster.s3, "pipe/bad")
+
+
+def test_the_whole_pipeline_as_a_ray_job(cluster):
+    (port,) = free_ports(1)
+    job = _submit(cluster, *PIPELINE, "--port", str(port), "--storage", "s3://aigc/pipe", "--name", "job", "--json")
+    status, logs = _wait(cluster, job)
+    assert status.endswith("SUCCEEDED"), logs[-4000:]
+    result = json.loads(next(line for line in reversed(logs.splitlines()) if line.startswith('{"url"')))
+    assert result["report"] == "s3://aigc/pipe/job/report/report.html"
+    assert result["checkpoint"].startswith("s3://aigc/pipe/job/train-")
+    keys = set(_objects(cluster.s3, "pipe/job/"))
+    assert {"pipe/job/best.json", "pipe/job/search/best.json", "pipe/job/report/report.html",
+            "pipe/job/report/served.png", "pipe/job/report/final_samples.png"} <= keys
+    r = httpx.get(f"http://127.0.0.1:{port}/sample.png", params={"n": 4, "seed": 0}, timeout=60)
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (70, 70)
+    info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+    assert info["metric"] == "fid" and info["step"] == 6 and info["checkpoint"] == result["checkpoint"]
