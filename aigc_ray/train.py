@@ -271,6 +271,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     resume = _latest(run_dir, local)
     if resume is not None:
         load_state_dict(state, ckpt.load(resume, map_location=device), restore_rng=rank == 0)
+        if rank == 0 and config["echo"] and not local:
+            print(f"[aigc_ray] worker group of {cfg.run.name} continues at step {state.step} ({resume})", flush=True)
         if rank != 0:
             torch.manual_seed(t.seed + 7919 * rank + state.step)
     else:

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=200, help="images through the Inception network [200]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--ray-tasks", default="", help="also time Inception statistics over Ray tasks, e.g. 1,2")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = DataConfig(dataset="fashion-mnist")
@@ -49,7 +50,19 @@ def main() -> None:
     covmean = linalg.sqrtm(s1 @ s2).real
     theirs = float(np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
     t_sqrtm = time.perf_counter() - t0
+    tasks = {}
+    if args.ray_tasks:  # the same statistics, computed by k one-CPU Ray tasks (as `aigc-ray eval --num-workers k`)
+        import ray
+
+        ray.init(num_cpus=args.threads, logging_level="ERROR")
+        for k in map(int, args.ray_tasks.split(",")):
+            metrics.compute({"images": images[:8]}, "fid", cfg, "stats", num_workers=k)  # warm-up: workers, weights
+            t0 = time.perf_counter()
+            metrics.compute({"images": images[:args.images]}, "fid", cfg, "stats", num_workers=k)
+            tasks[f"inception_images_per_s_{k}_ray_tasks"] = round(args.images / (time.perf_counter() - t0), 1)
+        ray.shutdown()
     print(json.dumps({
+        **tasks,
         "threads": args.threads,
         "inception_images_per_s": round(inception, 1),
         "domain_images_per_s": round(domain, 1),

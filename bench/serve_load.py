@@ -93,7 +93,7 @@ def _minimal_app(checkpoint: str):
     return Minimal.bind(checkpoint)
 
 
-def serve_forever(kind: str, checkpoint: str) -> None:
+def serve_forever(kind: str, checkpoint: str, replicas: int) -> None:
     import ray
     from ray import serve
 
@@ -104,7 +104,8 @@ def serve_forever(kind: str, checkpoint: str) -> None:
     if kind == "minimal":
         app = _minimal_app(checkpoint)
     else:
-        app = build_app(ServeArgs(checkpoint=checkpoint, batching=kind != "unbatched", max_batch_size=32), num_cpus=1)
+        app = build_app(ServeArgs(checkpoint=checkpoint, batching=kind != "unbatched", max_batch_size=32), num_cpus=1,
+                        min_replicas=replicas, max_replicas=replicas)
     serve.run(app, name="bench", route_prefix="/")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # so sigwait, not death, gets them
     print("READY", flush=True)
@@ -113,9 +114,10 @@ def serve_forever(kind: str, checkpoint: str) -> None:
     ray.shutdown()  # stops the Ray instance this child started: no cluster outlives its measurement
 
 
-def start_server(kind: str, checkpoint: str) -> subprocess.Popen:
+def start_server(kind: str, checkpoint: str, replicas: int = 1) -> subprocess.Popen:
     env = {**os.environ, **KINDS[kind][0]}
-    proc = subprocess.Popen([sys.executable, str(HERE), "--_server", kind, "--checkpoint", checkpoint],
+    proc = subprocess.Popen([sys.executable, str(HERE), "--_server", kind, "--checkpoint", checkpoint,
+                             "--replicas", str(replicas)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
                             start_new_session=True)
     deadline = time.time() + 180
@@ -198,25 +200,28 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--checkpoint", help="checkpoint to serve [a fresh default-sized 32x32 DCGAN]")
     p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--replicas", default="1", help="replicas of aigc_ray's service, e.g. 1,2 for one line each [1]")
     p.add_argument("--_server", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._server:
-        return serve_forever(args._server, args.checkpoint)
+        return serve_forever(args._server, args.checkpoint, int(args.replicas))
     if not shutil.which("wrk"):
         sys.exit("serve_load: needs wrk (apt-get install wrk)")
     tmp = tempfile.mkdtemp()
     checkpoint = args.checkpoint or make_checkpoint(tmp)
     results: dict = {"connections": args.connections, "seconds": args.seconds, "machine_cpus": os.cpu_count()}
     for kind in args.kinds.split(","):
-        proc = start_server(kind, checkpoint)
-        try:
-            path, port = "/" if kind == "minimal" else "/generate", KINDS[kind][1]
-            wrk(port, path, 1, "png", 2, args.connections)  # warm-up
-            results[kind] = {"n=1": wrk(port, path, 1, "png", args.seconds, args.connections),
-                             "n=16": wrk(port, path, 16, "grid", args.seconds, args.connections)}
-        finally:
-            stop_server(proc)
-        print(kind, json.dumps(results[kind]), flush=True)
+        for replicas in map(int, args.replicas.split(",")):
+            name = kind if replicas == 1 else f"{kind} x{replicas} replicas"
+            proc = start_server(kind, checkpoint, replicas)
+            try:
+                path, port = "/" if kind == "minimal" else "/generate", KINDS[kind][1]
+                wrk(port, path, 1, "png", 2, args.connections)  # warm-up
+                results[name] = {"n=1": wrk(port, path, 1, "png", args.seconds, args.connections),
+                                 "n=16": wrk(port, path, 16, "grid", args.seconds, args.connections)}
+            finally:
+                stop_server(proc)
+            print(name, json.dumps(results[name]), flush=True)
     results["in_process_images_per_s"] = {"n=1 (32 per forward)": round(in_process(checkpoint, 1, 32), 1),
                                           "n=16 (16 per forward)": round(in_process(checkpoint, 16, 16), 1)}
     if "minimal" in results and "batched" in results:

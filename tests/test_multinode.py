@@ -87,15 +87,12 @@ def test_training_on_the_worker_node_checkpoints_to_s3(cluster, tmp_path):
 
 
 def test_a_worker_node_dies_and_the_run_finishes_on_a_fresh_one(cluster, tmp_path):
-    steps = 600
+    steps = 300
     proc = cluster.cli_bg("train", *TINY, "--num-workers", "2", "--steps", str(steps), "--ckpt-every", "25",
                           "--log-every", "25", "--max-failures", "3", "--storage", "s3://aigc/runs",
                           "--name", "nodeloss", "--json", log=tmp_path / "train.log")
     try:
-        deadline = time.time() + 300
-        while not any(k.endswith("meta.json") for k in _objects(cluster.s3, "runs/nodeloss/checkpoint_")):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_for_checkpoint(cluster, "runs/nodeloss/", proc, tmp_path / "train.log")
         cluster.kill_node(cluster.nodes[-1])  # the node and both Train workers on it are gone
         cluster.add_node()  # a fresh machine: empty disk, same package
         assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
@@ -103,6 +100,7 @@ def test_a_worker_node_dies_and_the_run_finishes_on_a_fresh_one(cluster, tmp_pat
         if proc.poll() is None:
             proc.kill()
     log = (tmp_path / "train.log").read_text()
+    assert "worker group of nodeloss continues at step" in log  # from the checkpoint in S3, not from step 0
     out = _json_line(log)
     assert out["step"] == steps and out["checkpoint"] == f"s3://aigc/runs/nodeloss/checkpoint_{steps:08d}"
     from aigc_ray import checkpoint as ckpt
@@ -112,15 +110,32 @@ def test_a_worker_node_dies_and_the_run_finishes_on_a_fresh_one(cluster, tmp_pat
     assert state["step"] == steps and state["opt_g"]["state"][0]["step"] == steps  # Adam counted every G step
 
 
-def test_a_search_writes_best_json_to_s3(cluster, tmp_path):
-    r = cluster.cli("tune", *TINY, "--num-trials", "2", "--max-steps", "4", "--eval-every", "2",
-                    "--eval-samples", "64", "--max-concurrent", "2", "--storage", "s3://aigc/runs",
-                    "--name", "search", "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def _wait_for_checkpoint(cluster, prefix: str, proc, log, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while not any(k.endswith("meta.json") and "/checkpoint_" in k for k in _objects(cluster.s3, prefix)):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def test_a_search_goes_on_through_a_node_loss_and_writes_best_json_to_s3(cluster, tmp_path):
+    log = tmp_path / "tune.log"
+    proc = cluster.cli_bg("tune", *TINY, "--num-trials", "2", "--max-steps", "300", "--eval-every", "50",
+                          "--eval-samples", "64", "--max-concurrent", "2", "--storage", "s3://aigc/runs",
+                          "--name", "search", "--json", log=log)
+    try:
+        _wait_for_checkpoint(cluster, "runs/train-", proc, log)
+        cluster.kill_node(cluster.nodes[-1])  # both trials, their Train workers and controllers go with it
+        cluster.add_node()
+        assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = _json_line(log.read_text())
+    assert out["trials"] == 2 and all(not row["error"] for row in out["table"])
     best = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="runs/search/best.json")["Body"].read())
     assert best["checkpoint"].startswith("s3://aigc/runs/train-") and best["metric"] == "fid_domain"
+    assert best["checkpoint"] == out["checkpoint"] and best["step"] % 50 == 0
     assert {"runs/search/trials.csv", "runs/search/fid_vs_step.png"} <= set(_objects(cluster.s3, "runs/search/"))
-    assert not (tmp_path / "runs").exists()
 
 
 def test_serve_loads_the_winner_from_s3_on_the_worker_node_and_heals(cluster, tmp_path):
