@@ -114,6 +114,9 @@ class Cluster:
                     "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DEDUP_LOGS": "1"}
         self.env.pop("AIGC_RAY_CACHE", None)  # caches go under the storage, as on a real cluster
         self.address, self.dashboard = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{self.dash}"
+        # Another Ray instance may run on this machine (a test session's own): every process of this cluster
+        # (Ray Train's placement-group cleaner among them) must know which one is its own.
+        self.env["RAY_ADDRESS"] = self.address
         self.nodes: list[subprocess.Popen] = []
         (self.tmp / "head").mkdir(parents=True, exist_ok=True)
         self.head = subprocess.Popen(

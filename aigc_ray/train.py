@@ -343,16 +343,20 @@ def _evaluate(state: TrainState, cfg: Config, ref: dict, rank: int, world: int, 
 
 
 def _latest(run_dir: str, local: bool) -> str | None:
-    """The checkpoint to resume from: Ray's latest (restarts, re-runs), or in local mode the newest complete one."""
+    """The checkpoint to resume from: the newest complete one in the run's folder, or Ray's latest if newer.
+
+    A node can die after a checkpoint is whole in storage but before Ray registered its report: that
+    checkpoint still counts, so a restart loses no more than ckpt_every steps."""
     import ray.train
 
-    if not local:
-        c = ray.train.get_checkpoint()
-        return storage.join(run_dir, storage.name(c.path)) if c is not None else None
+    found = []
+    if not local and (c := ray.train.get_checkpoint()) is not None:
+        found.append(storage.join(run_dir, storage.name(c.path)))
     try:
-        return ckpt.find(run_dir)
+        found.append(ckpt.find(run_dir))
     except ckpt.CheckpointError:
-        return None
+        pass
+    return max(found, key=lambda d: ckpt.read_meta(d)["step"]) if found else None
 
 
 def _prune(run_dir: str, keep: int) -> None:
