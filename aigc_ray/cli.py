@@ -52,14 +52,21 @@ def config_from_args(args: argparse.Namespace):
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to the cluster a job runs in (RAY_ADDRESS), or start a local one for this command."""
+    """Connect to --address (or RAY_ADDRESS; a job's own cluster), else start a local cluster of this command's
+    own: never one that a `ray start` or a killed command left running on this machine."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if num_cpus and not address:
-        address = "local"  # a CPU count means a cluster of our own, not one `ray start` left running
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        # A cluster of our own exports no Prometheus metrics: Ray's exporter, its dashboard's and its autoscaler's
+        # metrics servers answer on every interface without a token. (Given a port that cannot be bound, the
+        # dashboard and the autoscaler log that and go on without their servers.)
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
+        os.environ.setdefault("AUTOSCALER_METRIC_PORT", "-1")
+        os.environ.setdefault("DASHBOARD_METRIC_PORT", "-1")
     ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING")
 
 
@@ -94,7 +101,8 @@ def cmd_sample(args) -> dict:
     if args.url:
         from .client import Client
 
-        png = Client(args.url).grid(n=n, seed=args.seed, truncation=args.truncation, cls=args.cls)
+        png = Client(args.url, token=_read_key(args.token_file)).grid(n=n, seed=args.seed, truncation=args.truncation,
+                                                                      cls=args.cls)
         from pathlib import Path
 
         Path(args.out).write_bytes(png)
@@ -120,10 +128,49 @@ def cmd_sample(args) -> dict:
 
 def _choose_ingress(args) -> None:
     """Ray 2.60's HAProxy ingress for a local cluster: replicas serve HTTP themselves, HAProxy balances over
-    them; ~4x the requests/s of the proxy path on 2 CPUs (bench/serve_load.py). Set before Ray starts."""
-    if args.ingress == "haproxy" and not args.address:
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    them and retries a request whose replica died; ~4x the requests/s of the proxy path on 2 CPUs
+    (bench/serve_load.py). Kept on loopback and tied to this command (ingress.py). Set before Ray starts."""
+    from . import ingress
+
+    if not args.address:
+        ingress.claim(args.port)  # what a hard-killed predecessor left on the port goes; another holder is named
+        if args.ingress == "haproxy" and _loopback(args.host):
+            for k, v in ingress.haproxy_env(args.port).items():
+                os.environ.setdefault(k, v)
+        elif args.ingress == "haproxy":  # Ray binds the replicas' own HTTP ports to the same host: keep them in
+            print(f"[aigc_ray] serving on {args.host} through Serve's proxy (the HAProxy ingress stays on loopback)",
+                  flush=True)
+
+
+def _read_key(token_file: str | None) -> str | None:
+    """An API key from --token-file, else $AIGC_RAY_TOKEN, else None."""
+    if token_file:
+        try:
+            with open(os.path.expanduser(token_file)) as f:
+                return f.read().strip() or None
+        except OSError as e:
+            raise ConfigError(f"--token-file: cannot read {token_file}: {e.strerror}") from None
+    return os.environ.get("AIGC_RAY_TOKEN", "").strip() or None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_key(args) -> str | None:
+    """The service's API key; required when --host is not loopback."""
+    key = _read_key(args.token_file)
+    if key is not None and len(key) < 16:
+        raise ConfigError("--token-file: the API key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+    if not _loopback(args.host) and key is None:
+        raise ConfigError(f"--host {args.host}: serving beyond this machine needs an API key: --token-file FILE "
+                          "(or AIGC_RAY_TOKEN); clients then send Authorization: Bearer <key>")
+    return key
 
 
 def _wait_for_ctrl_c() -> None:
@@ -138,19 +185,22 @@ def cmd_serve(args) -> dict:
     """Serve a checkpoint (or best.json) on a local Ray cluster until Ctrl-C."""
     from ray import serve
 
-    from .serve import ServeArgs, build_app
+    from .serve import ServeArgs, build_app, token_sha256
 
     if not (args.checkpoint or args.best):
         raise ConfigError("serve: give --checkpoint PATH or --best best.json")
     from .checkpoint import find, read_best
 
+    key = _api_key(args)
     read_best(args.best) if args.best else find(args.checkpoint)  # a bad path fails before Ray starts
     _choose_ingress(args)
     init_ray(args.address)
     serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port})
-    app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n),
+    app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n,
+                              token_sha256=token_sha256(key) if key else None),
                     min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
-                    num_gpus=args.num_gpus)
+                    num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
+                    max_queued_requests=args.max_queued_requests)
     serve.run(app, name="aigc", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C stops.", flush=True)
@@ -167,6 +217,7 @@ def cmd_pipeline(args) -> dict:
     cfg = config_from_args(args)
     space = tune.load_space(args.search_space) if args.search_space else None
     tune.parse_space(space or pipeline.DEMO_SPACE)
+    key = _api_key(args)
     train.check_inputs(cfg)
     _choose_ingress(args)
     init_ray(args.address, num_cpus=args.num_cpus)
@@ -175,7 +226,7 @@ def cmd_pipeline(args) -> dict:
                        final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
                        fid_samples=args.fid_samples, ref_images=args.ref_images, space=space,
                        max_concurrent=args.max_concurrent, host=args.host, port=args.port,
-                       proxy_location=args.proxy_location)
+                       proxy_location=args.proxy_location, api_key=key)
     print(f"\nDone in {out['seconds']:.0f} s: standard FID {out['fid']:.2f} ({out['fid_samples']} samples).")
     print(f"Playground: {out['playground']}\nReport:     {out['report']}", flush=True)
     if args.keep_serving:
@@ -242,7 +293,8 @@ def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool
     p.add_argument("--ref-images", type=int, default=500, help="test images for the FID reference [500]")
     p.add_argument("--search-space", metavar="FILE", help="YAML search space [learning rates and loss]")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once [0: as the CPUs allow]")
-    p.add_argument("--host", default="127.0.0.1", help="address Serve binds [127.0.0.1]")
+    p.add_argument("--host", default="127.0.0.1", help="address Serve binds [127.0.0.1]; another needs --token-file")
+    p.add_argument("--token-file", metavar="FILE", help="API key of the service [$AIGC_RAY_TOKEN]")
     p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port [8000]")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"], help="on a local cluster [haproxy]")
     _proxy_location_flag(p)
@@ -282,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
     s.add_argument("--best", help="best.json of a search (a path or URI): sample its checkpoint")
     s.add_argument("--url", help="sample from a running aigc-ray service instead, e.g. http://127.0.0.1:8000")
+    s.add_argument("--token-file", metavar="FILE", help="the service's API key, with --url [$AIGC_RAY_TOKEN]")
     s.add_argument("--n", type=int, default=64, help="images in the grid [64]")
     s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images [0]")
     s.add_argument("--truncation", type=float, default=None, help="redraw |z| above this (truncation trick)")
@@ -308,13 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (HTTP, batching, autoscaling)")
     sv.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
     sv.add_argument("--best", help="best.json of a search (a path or URI)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1]")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind [127.0.0.1]; any other (0.0.0.0 exposes the service) needs --token-file")
+    sv.add_argument("--token-file", metavar="FILE",
+                    help="API key (>= 16 characters): every endpoint but / and /healthz then needs "
+                         "Authorization: Bearer <key> [$AIGC_RAY_TOKEN]")
     sv.add_argument("--port", type=int, default=8000, help="[8000]")
     sv.add_argument("--max-n", type=int, default=64, help="most images per request [64]")
     sv.add_argument("--min-replicas", type=int, default=1)
     sv.add_argument("--max-replicas", type=int, default=1)
     sv.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica [1]")
     sv.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica [0]")
+    sv.add_argument("--max-ongoing-requests", type=int, default=128, help="requests a replica works on at once [128]")
+    sv.add_argument("--max-queued-requests", type=int, default=512,
+                    help="requests a replica holds beyond those; past that: 503 with Retry-After, at once [512]")
     sv.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                     help="HTTP path on a local cluster: Ray 2.60's HAProxy + direct ingress, or the classic proxy")
     _proxy_location_flag(sv)

@@ -1,12 +1,13 @@
 """A small client for the aigc_ray sampling service (standard library only).
 
-    c = Client("http://127.0.0.1:8000")
+    c = Client("http://127.0.0.1:8000")         # Client(url, token=KEY) for a service that asks for a key
     png = c.grid(n=16, seed=0)                  # bytes of one PNG grid
     arrays = c.generate(n=4, seed=1, format="npy")   # uint8 (4, H, W, C)
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import urllib.error
@@ -16,31 +17,46 @@ from typing import Any
 from .config import ConfigError
 
 
+RETRIES = 2  # on a connection closed before the answer came: safe, as every request here is idempotent
+
+
 class ServiceError(ConfigError):
     """The service refused a request (4xx/5xx) or could not be reached; the message says which."""
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, timeout: float = 60):
-        self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
+    def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, timeout: float = 60,
+                 token: str | None = None):
+        self.url, self.model, self.timeout, self.token = url.rstrip("/"), model, timeout, token
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, str]:
         headers = {"content-type": "application/json"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
         if self.model:
             headers["serve_multiplexed_model_id"] = self.model
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.read(), r.headers.get("content-type", "")
-        except urllib.error.HTTPError as e:
+        for attempt in range(RETRIES + 1):
             try:
-                reason = json.loads(e.read()).get("error", e.reason)
-            except ValueError:
-                reason = e.reason
-            raise ServiceError(f"{self.url}{path}: {e.code} {reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise ServiceError(f"{self.url}: cannot reach the service ({getattr(e, 'reason', e)})") from None
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return r.read(), r.headers.get("content-type", "")
+            except (http.client.RemoteDisconnected, ConnectionResetError, http.client.IncompleteRead) as e:
+                # The connection closed before a whole answer came (a replica or the ingress went away
+                # mid-request). Every request of this API is idempotent, so asking again is safe.
+                if attempt == RETRIES:
+                    raise ServiceError(f"{self.url}: the connection closed before an answer ({e})") from None
+            except urllib.error.HTTPError as e:
+                try:
+                    reason = json.loads(e.read()).get("error", e.reason)
+                except ValueError:
+                    reason = e.reason
+                raise ServiceError(f"{self.url}{path}: {e.code} {reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                if isinstance(getattr(e, "reason", None), ConnectionResetError) and attempt < RETRIES:
+                    continue  # reset while sending: nothing was answered, ask again
+                raise ServiceError(f"{self.url}: cannot reach the service ({getattr(e, 'reason', e)})") from None
+        raise AssertionError("unreachable")
 
     def generate(self, n: int = 1, seed: int = 0, format: str = "png", truncation: float | None = None,
                  cls: int | None = None) -> Any:

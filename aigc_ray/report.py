@@ -58,11 +58,12 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return md, f"<table><tr>{th}</tr>{trs}</table>"
 
 
-def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float]) -> str:
+def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float],
+          api_key: str | None = None) -> str:
     """Write <root>/report/ (root: any storage location); returns the URI of report.html."""
     out = Path(tempfile.mkdtemp(prefix="aigc_report_"))
     try:
-        _write(out, search=search, final=final, fid=fid, url=url, stages=stages)
+        _write(out, search=search, final=final, fid=fid, url=url, stages=stages, api_key=api_key)
         dest = storage.join(root, "report")
         storage.publish_dir(out, dest, last="report.html")
         return storage.join(dest, "report.html")
@@ -70,7 +71,8 @@ def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: 
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float]) -> None:
+def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float],
+           api_key: str | None) -> None:
     pics: list[tuple[str, str]] = []
     search_png = storage.join(search["search"], "fid_vs_step.png")
     if storage.exists(search_png):
@@ -81,7 +83,9 @@ def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
     (out / "final_samples.png").write_bytes(storage.read_bytes(final["grid"]))
     pics.append(("final_samples.png", f"G_ema after {final['step']} steps (the run's fixed noise)"))
     try:
-        with urllib.request.urlopen(f"{url}/sample.png?n=64&seed=0", timeout=60) as r:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        req = urllib.request.Request(f"{url}/sample.png?n=64&seed=0", headers=headers)
+        with urllib.request.urlopen(req, timeout=60) as r:
             (out / "served.png").write_bytes(r.read())
         pics.append(("served.png", f"fetched from the live endpoint: {url}/sample.png?n=64&seed=0"))
     except OSError as e:

