@@ -202,7 +202,7 @@ def decode_files(uris: list[str], size: int, channels: int, crop: int | None = N
     try:
         return np.concatenate(ray.get(refs))
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, DataError):
+        if isinstance(e.cause, (DataError, storage.StorageError)):
             raise e.cause from None
         raise
 

@@ -45,7 +45,8 @@ def state_dir(port: int) -> Path:
     return d
 
 
-def _free_loopback_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on the loopback interface."""
     import socket
 
     socks = [socket.socket() for _ in range(n)]
@@ -60,7 +61,7 @@ def _free_loopback_ports(n: int) -> list[int]:
 def haproxy_env(port: int) -> dict[str, str]:
     """The environment Ray's HAProxy ingress needs, confined as the module docstring says."""
     d = state_dir(port)
-    stats, metrics = _free_loopback_ports(2)  # never Ray's fixed 8404/9101, which a second service would clash on
+    stats, metrics = free_ports(2)  # never Ray's fixed 8404/9101, which a second service would clash on
     wrapper = shutil.which("aigc-ray-haproxy") or str(Path(sys.executable).parent / "aigc-ray-haproxy")
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",

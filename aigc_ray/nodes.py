@@ -29,18 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from .ingress import free_ports  # noqa: F401  (the tests take it from here too)
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _wait_port(port: int, timeout: float = 60) -> None:

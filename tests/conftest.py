@@ -55,3 +55,17 @@ def s3_env(s3, monkeypatch):
     storage._s3.cache_clear()
     yield s3
     storage._s3.cache_clear()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium(playwright):
+    """Debian's Chromium, headless, with the flags this machine's closed network needs; None when absent."""
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        return None
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+        "--disable-background-networking", "--disable-component-update"])

@@ -155,17 +155,14 @@ def test_multiplexed_models_by_header(service):
 
 
 def test_playground_page_in_a_real_headless_browser(service, tmp_path):
-    import os
-
-    chromium = "/usr/bin/chromium"
-    if not os.path.exists(chromium):
-        pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
     from playwright.sync_api import sync_playwright
 
+    from conftest import chromium
+
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-            "--disable-background-networking", "--disable-component-update"])
+        browser = chromium(p)
+        if browser is None:
+            pytest.skip("Debian's chromium is not installed (make test installs it when run as root)")
         page = browser.new_page()
         page.goto(URL + "/")
         page.wait_for_function("document.getElementById('info').textContent.includes('step 4')")

@@ -304,15 +304,14 @@ def test_an_exposed_service_asks_for_its_key(checkpoint, tmp_path):
 
 
 def _playground_with_a_key(url: str, key: str, tmp_path: Path) -> None:
-    chromium = "/usr/bin/chromium"
-    if not os.path.exists(chromium):
-        return  # the browser part needs Debian's chromium (make test installs it as root)
     from playwright.sync_api import sync_playwright
 
+    from conftest import chromium
+
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-            "--disable-background-networking", "--disable-component-update"])
+        browser = chromium(p)
+        if browser is None:
+            return  # the browser part needs Debian's chromium (make test installs it as root)
         page = browser.new_page()
         page.goto(url + "/")
         page.wait_for_selector("#keyform", state="visible", timeout=30000)  # the page asks for the key

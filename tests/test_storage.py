@@ -81,11 +81,13 @@ def _png(size=(24, 20), seed=0) -> bytes:
 
 
 def test_folder_dataset_from_an_object_store_prefix(s3_env, tmp_path):
+    # A prefix of its own: the session's bucket also holds the multi-node tests' faces.
+    faces = f"s3://{s3_env.bucket}/storage-test-faces"
     for i in range(5):
-        storage.write_bytes(f"s3://{s3_env.bucket}/faces/{'ab'[i % 2]}/{i}.png", _png(seed=i))
-    storage.write_text(f"s3://{s3_env.bucket}/faces/notes.txt", "not an image")
-    cache = f"s3://{s3_env.bucket}/cache"
-    cfg = DataConfig(dataset=f"folder:s3://{s3_env.bucket}/faces/", image_size=32, cache=cache)
+        storage.write_bytes(f"{faces}/{'ab'[i % 2]}/{i}.png", _png(seed=i))
+    storage.write_text(f"{faces}/notes.txt", "not an image")
+    cache = f"s3://{s3_env.bucket}/storage-test-cache"
+    cfg = DataConfig(dataset=f"folder:{faces}/", image_size=32, cache=cache)
     ds = data.load(cfg)
     assert ds.images.shape == (5, 3, 32, 32) and ds.labels is None
     assert [e.name for e in storage.list_dir(f"{cache}/decoded")]  # decoded once, cached under the storage
