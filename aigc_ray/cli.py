@@ -88,8 +88,7 @@ def cmd_train(args) -> dict:
     cfg = config_from_args(args)
     train.check_inputs(cfg)  # an unusable storage or a missing dataset fails here, before Ray starts
     init_ray(args.address)
-    train.check_cluster(cfg)
-    return train.fit(cfg)
+    return train.fit(cfg)  # workers and threads fitted to the cluster, or one line saying they cannot fit
 
 
 def cmd_sample(args) -> dict:
@@ -120,10 +119,17 @@ def cmd_sample(args) -> dict:
         if not 0 <= args.cls < m.num_classes:
             raise ConfigError(f"--class: must be in [0, {m.num_classes}), got {args.cls}")
         labels = [args.cls] * n
+    done = {"n": n, "seed": args.seed, "format": args.format, "checkpoint": sampler.path, "step": sampler.meta["step"]}
+    if args.format != "grid":
+        from .images import export
+
+        out = export(args.out, args.format, args.seed, n, lambda seeds: sampler.forward(
+            sampler.noise(seeds, args.truncation), labels and labels[:len(seeds)]))
+        return {"out": str(out), **done}
     # Image i comes from noise(seed + i), exactly as the service draws it: the same seed, the same grid.
     images = sampler.forward(sampler.noise(list(range(args.seed, args.seed + n)), args.truncation), labels)
     out = save_png(args.out, grid(torch.from_numpy(images).permute(0, 3, 1, 2)))
-    return {"out": str(out), "n": n, "seed": args.seed, "checkpoint": sampler.path, "step": sampler.meta["step"]}
+    return {"out": str(out), **done}
 
 
 def _choose_ingress(args) -> None:
@@ -288,7 +294,8 @@ def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool
     p.add_argument("--num-trials", type=int, default=4, help="search trials [4]")
     p.add_argument("--search-steps", type=int, default=300, help="steps of a search trial (ASHA may stop it) [300]")
     p.add_argument("--final-steps", type=int, default=1000, help="steps the winner is trained to [1000]")
-    p.add_argument("--final-workers", type=int, default=2, help="Ray Train workers for the winner [2]")
+    p.add_argument("--final-workers", type=int, default=-1,
+                   help="Ray Train workers for the winner [-1: auto, one per GPU, else one per node]")
     p.add_argument("--fid-samples", type=int, default=500, help="samples for the standard FID [500]")
     p.add_argument("--ref-images", type=int, default=500, help="test images for the FID reference [500]")
     p.add_argument("--search-space", metavar="FILE", help="YAML search space [learning rates and loss]")
@@ -339,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images [0]")
     s.add_argument("--truncation", type=float, default=None, help="redraw |z| above this (truncation trick)")
     s.add_argument("--class", dest="cls", type=int, default=None, help="class index, for conditional models")
-    s.add_argument("--out", default="grid.png", help="PNG to write [grid.png]")
+    s.add_argument("--format", choices=("grid", "png-dir", "npz"), default="grid",
+                   help="grid: one PNG; png-dir: a folder of <seed>.png (for clean-fid, torch-fidelity); "
+                        "npz: one uint8 NHWC array 'images' with their 'seeds' [grid]")
+    s.add_argument("--out", default="grid.png", help="the PNG, folder or .npz to write [grid.png]")
     s.add_argument("--json", action="store_true", help="end with one JSON line of results")
     s.set_defaults(fn=cmd_sample)
 

@@ -21,6 +21,7 @@ from typing import Any
 IMAGE_SIZES = (32, 64, 128)
 LOSSES = ("bce", "wgan-gp", "hinge", "lsgan")
 D_NORMS = ("auto", "batch", "layer", "none")
+ARCHS = ("dcgan", "resnet")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 METRICS = ("fid-domain", "fid")
 
@@ -48,16 +49,19 @@ class DataConfig:
     channels: int = opt(0, "1 (grayscale) or 3 (RGB); 0: the dataset's own")
     root: str = opt("", "where torchvision datasets are kept or downloaded to; '': ~/.cache/aigc_ray/data")
     download: bool = opt(True, "let torchvision download a dataset that is not under root (needs network)")
+    limit: int = opt(0, "train on the first N training images only (few-shot; the test split stays whole); 0: all")
     cache: str = opt("", "folder or URI caching decoded images, domain classifiers and FID references; "
                          "'': $AIGC_RAY_CACHE, else <storage>/.cache for remote storage, else ~/.cache/aigc_ray")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = opt("dcgan", "dcgan (transposed convolutions) | resnet (SNGAN-style residual blocks)")
     latent_dim: int = opt(128, "size of the noise vector z fed to G")
     ngf: int = opt(64, "G width: channels of G's last hidden layer (doubling towards the 4x4 start)")
     ndf: int = opt(64, "D width: channels of D's first layer (doubling towards the 4x4 end)")
-    d_norm: str = opt("auto", "D normalisation: batch | layer | none; auto: batch, none for wgan-gp")
+    d_norm: str = opt("auto", "D normalisation: batch | layer | none; auto: none with wgan-gp, resnet or "
+                              "spectral_norm, else batch")
     spectral_norm: bool = opt(False, "spectral normalisation on every D layer")
     conditional: bool = opt(False, "class-conditional G (label embedding) and D (projection); needs labels")
     num_classes: int = opt(0, "classes of a conditional model; 0: the dataset's own")
@@ -68,6 +72,7 @@ class LossConfig:
     name: str = opt("bce", "bce (non-saturating DCGAN) | wgan-gp | hinge | lsgan", flag="--loss")
     gp_weight: float = opt(10.0, "lambda of the WGAN-GP gradient penalty")
     n_critic: int = opt(0, "D updates per G update; 0: 5 for wgan-gp, 1 otherwise")
+    r1_weight: float = opt(0.0, "gamma of the R1 penalty gamma/2 E||grad D(real)||^2 (lazy: every 16 D steps); 0: off")
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,29 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    policy: str = opt("auto", "DiffAugment of D's real and fake images: none, or a comma list of color, translation, "
+                              "cutout; auto: all three below augment.below training images, else none",
+                      flag="--augment")
+    below: int = opt(10000, "policy auto augments datasets with fewer training images than this",
+                     flag="--augment-below")
+    p: float = opt(1.0, "probability that each augmentation is applied to an image (the start, when adaptive)",
+                   flag="--aug-p")
+    adaptive: bool = opt(False, "adapt p to D's overfitting (ADA's r_t heuristic)", flag="--ada")
+    target: float = opt(0.6, "the r_t = E[sign(D(real))] that adaptive p keeps", flag="--ada-target")
+    speed: int = opt(100000, "images over which adaptive p may move by 1", flag="--ada-speed")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = opt(2000, "G updates to train for (the run's total, also when resuming)")
     batch_size: int = opt(64, "images per worker per D update; the global batch is batch_size x num_workers")
-    num_workers: int = opt(1, "Ray Train workers (data-parallel DDP); 0: run in this process, no workers")
+    num_workers: int = opt(-1, "Ray Train workers (data-parallel DDP); -1: auto (one per GPU, else one per "
+                               "node); 0: run in this process, no workers")
     use_gpu: bool | None = opt(None, "train on GPUs; None: when the cluster has them", flag="--use-gpu")
     amp: str = opt("auto", "autocast on GPU: none | bf16 | fp16; auto: bf16 on GPU, none on CPU")
-    cpus_per_worker: int = opt(1, "CPUs Ray reserves for each worker, and its torch threads")
+    cpus_per_worker: int = opt(0, "CPUs Ray reserves for each worker, and its torch threads; 0: auto (the "
+                                  "cluster's CPUs split among the workers)")
     ema_decay: float = opt(0.999, "decay of the EMA copy of G used for samples and FID; 0: no EMA")
     log_every: int = opt(50, "report metrics every this many steps")
     ckpt_every: int = opt(500, "write a checkpoint (with a sample grid) every this many steps")
@@ -112,6 +133,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -243,6 +265,20 @@ def validate(cfg: Config) -> Config:
     _check(m.ngf > 0 and m.ndf > 0, "model.ngf/ndf", "must be > 0", (m.ngf, m.ndf))
     _check(m.d_norm in D_NORMS, "model.d_norm", f"must be one of {D_NORMS}", m.d_norm)
     _check(m.num_classes >= 0, "model.num_classes", "must be >= 0", m.num_classes)
+    _check(m.arch in ARCHS, "model.arch", f"must be one of {ARCHS}", m.arch)
+    _check(d.limit >= 0, "data.limit", "must be >= 0 (0: all)", d.limit)
+    _check(lo.r1_weight >= 0, "loss.r1_weight", "must be >= 0", lo.r1_weight)
+    a = cfg.augment
+    if a.policy != "auto":
+        from .augment import parse
+
+        try:
+            parse(a.policy)
+        except ValueError as e:
+            raise ConfigError(f"augment.policy: {e}, got {a.policy!r}") from None
+    _check(0 <= a.p <= 1, "augment.p", "must be in [0, 1]", a.p)
+    _check(0 < a.target < 1, "augment.target", "must be in (0, 1)", a.target)
+    _check(a.speed > 0 and a.below >= 0, "augment.speed/below", "must be > 0 and >= 0", (a.speed, a.below))
     _check(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}", lo.name)
     _check(lo.gp_weight >= 0, "loss.gp_weight", "must be >= 0", lo.gp_weight)
     _check(lo.n_critic >= 0, "loss.n_critic", "must be >= 0 (0: auto)", lo.n_critic)
@@ -255,9 +291,9 @@ def validate(cfg: Config) -> Config:
         _check(0 <= getattr(o, key) < 1, f"optim.{key}", "must be in [0, 1)", getattr(o, key))
     _check(t.steps > 0, "train.steps", "must be > 0", t.steps)
     _check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
-    _check(t.num_workers >= 0, "train.num_workers", "must be >= 0", t.num_workers)
+    _check(t.num_workers >= -1, "train.num_workers", "must be >= 0, or -1 (auto)", t.num_workers)
     _check(t.amp in AMP_MODES, "train.amp", f"must be one of {AMP_MODES}", t.amp)
-    _check(t.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1", t.cpus_per_worker)
+    _check(t.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 1, or 0 (auto)", t.cpus_per_worker)
     _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)", t.ema_decay)
     for key in ("log_every", "ckpt_every"):
         _check(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))
@@ -286,8 +322,8 @@ def cache_root(d: DataConfig) -> str:
     return d.cache or os.environ.get("AIGC_RAY_CACHE") or "~/.cache/aigc_ray"
 
 
-def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False) -> Config:
-    """Make every 'auto' value concrete, given what the dataset and cluster are."""
+def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False, size: int = 0) -> Config:
+    """Make every 'auto' value concrete, given what the dataset (size: training images) and cluster are."""
     import time
 
     cfg = with_cache(cfg)
@@ -296,10 +332,13 @@ def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = Fal
         raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")
     overrides = {
         "data.channels": d.channels or channels,
-        "model.d_norm": m.d_norm if m.d_norm != "auto" else ("none" if lo.name == "wgan-gp" else "batch"),
+        "model.d_norm": m.d_norm if m.d_norm != "auto" else (
+            "none" if lo.name == "wgan-gp" or m.arch == "resnet" or m.spectral_norm else "batch"),
         "model.num_classes": (m.num_classes or num_classes) if m.conditional else 0,
         "loss.n_critic": lo.n_critic or (5 if lo.name == "wgan-gp" else 1),
         "train.amp": t.amp if t.amp != "auto" else ("bf16" if use_gpu else "none"),
+        "augment.policy": cfg.augment.policy if cfg.augment.policy != "auto" else (
+            "color,translation,cutout" if 0 < size < cfg.augment.below else "none"),
         "train.use_gpu": bool(use_gpu),
         "run.name": cfg.run.name or f"{d.dataset.split(':')[0]}-{lo.name}-{time.strftime('%Y%m%d-%H%M%S')}",
     }

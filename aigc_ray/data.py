@@ -261,8 +261,26 @@ def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
                    lambda: decode_files(files, cfg.image_size, channels, crop=108))
 
 
+SIZES = {"fashion-mnist": 60000, "mnist-5k": 5000, "mnist": 60000, "cifar10": 50000, "celeba": 162770}
+
+
+def size(cfg: DataConfig) -> int:
+    """Training images a run sees (after data.limit); a folder is listed, not decoded."""
+    n = len(_folder_files(cfg)) if cfg.dataset.startswith("folder:") else SIZES[cfg.dataset]
+    return min(n, cfg.limit) if cfg.limit else n
+
+
 def load(cfg: DataConfig, split: str = "train") -> ImageSet:
-    """The whole split at cfg.image_size with cfg.channels (0: the dataset's own)."""
+    """The split at cfg.image_size with cfg.channels (0: the dataset's own); the train split cut to the
+    first data.limit images when that is set (few-shot)."""
+    ds = _load(cfg, split)
+    if split == "train" and cfg.limit and cfg.limit < len(ds):
+        return ImageSet(ds.images[:cfg.limit], None if ds.labels is None else ds.labels[:cfg.limit],
+                        ds.num_classes, ds.name)
+    return ds
+
+
+def _load(cfg: DataConfig, split: str) -> ImageSet:
     check_name(cfg.dataset)
     if split not in ("train", "test"):
         raise DataError(f"split: must be train or test, got {split!r}")

@@ -51,3 +51,44 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     tmp.write_bytes(png_bytes(image, compress_level=6))
     os.replace(tmp, path)
     return path
+
+
+def export(out: str | Path, fmt: str, seed: int, n: int, make, chunk: int = 1000) -> Path:
+    """n samples for other tools, image i from seed + i: a folder of <seed>.png ("png-dir", the same PNG
+    bytes /generate returns for that seed) or one .npz of uint8 NHWC `images` and their `seeds` ("npz").
+
+    `make(seeds)` returns uint8 (len(seeds), H, W, C). Written under a temporary name and renamed when
+    complete, so a stopped export never leaves a folder or file that looks whole; an existing output is
+    refused rather than mixed with.
+    """
+    from .config import ConfigError
+
+    out = Path(out).expanduser()
+    if fmt not in ("png-dir", "npz"):
+        raise ConfigError(f"--format: png-dir or npz, got {fmt!r}")
+    if fmt == "npz" and out.suffix != ".npz":
+        raise ConfigError(f"--out: an npz export is a .npz file, got {out}")
+    if out.exists():
+        raise ConfigError(f"--out: {out} exists; pick a new name (an export never mixes with older files)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    seeds = np.arange(seed, seed + n, dtype=np.int64)
+    try:
+        if fmt == "png-dir":
+            tmp.mkdir()
+            for i in range(0, n, chunk):
+                for s, im in zip(seeds[i:i + chunk], make([int(s) for s in seeds[i:i + chunk]])):
+                    (tmp / f"{s:08d}.png").write_bytes(png_bytes(im))
+        else:
+            images = np.concatenate([make([int(s) for s in seeds[i:i + chunk]]) for i in range(0, n, chunk)])
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images, seeds=seeds)
+        os.replace(tmp, out)
+    finally:
+        if tmp.is_dir():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+        elif tmp.exists():
+            tmp.unlink()
+    return out

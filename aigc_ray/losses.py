@@ -33,15 +33,30 @@ def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: to
     return (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
 
 
+def r1_penalty(D: nn.Module, real: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """E[||grad_x D(x)||^2] on real images (Mescheder et al. 2018): D flat on the data, in float32."""
+    x = real.detach().float().requires_grad_(True)
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        out = D(x, y)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return grad.flatten(1).pow(2).sum(1).mean()
+
+
 def _scores(D, real, fake, y):
     return D(real, y).float(), D(fake, y).float()
+
+
+def _stats(s_real: torch.Tensor, s_fake: torch.Tensor, threshold: float = 0.0) -> Stats:
+    """What D said, for logging, and ADA's overfitting signal r_t = E[sign(D(real) - threshold)]."""
+    s_real, s_fake = s_real.detach(), s_fake.detach()
+    return {"d_real": s_real.mean(), "d_fake": s_fake.mean(), "r_t": (s_real - threshold).sign().mean()}
 
 
 # Non-saturating DCGAN loss: D maximises log D(x) + log(1 - D(G(z))); G maximises log D(G(z)).
 def bce_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
     s_real, s_fake = _scores(D, real, fake, y)
     loss = F.softplus(-s_real).mean() + F.softplus(s_fake).mean()
-    return loss, {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
+    return loss, _stats(s_real, s_fake)
 
 
 def bce_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
@@ -53,7 +68,8 @@ def wgan_gp_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
     s_real, s_fake = _scores(D, real, fake, y)
     gp = gradient_penalty(D, real, fake, y)
     wasserstein = s_real.mean() - s_fake.mean()
-    return -wasserstein + cfg.gp_weight * gp, {"wasserstein": wasserstein.detach(), "gp": gp.detach()}
+    return -wasserstein + cfg.gp_weight * gp, {"wasserstein": wasserstein.detach(), "gp": gp.detach(),
+                                               "r_t": s_real.detach().sign().mean()}
 
 
 def wgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
@@ -64,14 +80,14 @@ def wgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
 def hinge_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
     s_real, s_fake = _scores(D, real, fake, y)
     loss = F.relu(1 - s_real).mean() + F.relu(1 + s_fake).mean()
-    return loss, {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
+    return loss, _stats(s_real, s_fake)
 
 
 # Least squares (Mao et al. 2017): targets 1 for real, 0 for fake.
 def lsgan_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
     s_real, s_fake = _scores(D, real, fake, y)
     loss = 0.5 * (s_real - 1).pow(2).mean() + 0.5 * s_fake.pow(2).mean()
-    return loss, {"d_real": s_real.detach().mean(), "d_fake": s_fake.detach().mean()}
+    return loss, _stats(s_real, s_fake, threshold=0.5)
 
 
 def lsgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:

@@ -128,6 +128,9 @@ class Cluster:
     def add_node(self, cpus: int = 2) -> subprocess.Popen:
         """A worker node in its own mount + PID namespace, seeing none of the files others wrote."""
         home = Path.home()
+        if Path("/tmp") in (REPO.resolve(), *REPO.resolve().parents):
+            raise RuntimeError(f"the repository is under /tmp ({REPO}), which every worker node replaces with a "
+                               "fresh tmpfs, so the node could not run its venv: check it out elsewhere")
         hide = [p for p in (home / ".cache", home / "aigc_ray", home / ".ray", REPO / ".cache", REPO / "runs")
                 if p.is_dir()]
         mounts = "; ".join(["mount -t tmpfs none /tmp", "mount -t tmpfs none /dev/shm",

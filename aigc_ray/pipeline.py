@@ -23,7 +23,7 @@ DEMO_SPACE = {  # a search that fits a few minutes of 2 CPUs: the learning rates
 
 
 def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_steps: int = 300,
-        final_steps: int = 1000, final_workers: int = 2, metric: str = "fid-domain", eval_samples: int = 1000,
+        final_steps: int = 1000, final_workers: int = -1, metric: str = "fid-domain", eval_samples: int = 1000,
         fid_samples: int = 500, ref_images: int = 500, space: dict | None = None, max_concurrent: int = 0,
         host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", app_name: str = "aigc",
         api_key: str | None = None, log=print) -> dict[str, Any]:
@@ -38,16 +38,15 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     # Check everything before the first trial.
     base = validate(base)
     tune.parse_space(space if space is not None else DEMO_SPACE)
-    for key, value in {"final_steps": final_steps, "final_workers": final_workers, "fid_samples": fid_samples,
-                       "ref_images": ref_images}.items():
+    for key, value in {"final_steps": final_steps, "fid_samples": fid_samples, "ref_images": ref_images}.items():
         if value <= 0:
             raise ConfigError(f"pipeline: {key} must be > 0, got {value}")
+    if final_workers == 0 or final_workers < -1:
+        raise ConfigError(f"pipeline: final_workers must be > 0, or -1 (auto), got {final_workers}")
     if final_steps < search_steps:
         raise ConfigError(f"pipeline: final_steps ({final_steps}) must be >= search_steps ({search_steps})")
     train.check_inputs(base)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if final_workers * base.train.cpus_per_worker > cpus and not ray.cluster_resources().get("GPU"):
-        raise ConfigError(f"pipeline: {final_workers} final workers need more CPUs than the cluster's {cpus:g}")
+    train.check_cluster(replace(base, {"train.num_workers": max(final_workers, 0)}))
 
     root = storage_mod.join(storage_mod.normalize(storage), name)
     stages: dict[str, float] = {}
@@ -64,9 +63,11 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
 
     # [2] Train the winner longer: resume its Train run with more steps and more workers.
     t1 = time.time()
-    log(f"[aigc_ray] 2/5 train the winner ({best['trial_id']}) to {final_steps} steps on {final_workers} workers")
+    on = f" on {final_workers} workers" if final_workers > 0 else ""
+    log(f"[aigc_ray] 2/5 train the winner ({best['trial_id']}) to {final_steps} steps{on}")
     win = Config.from_dict(best["config"])
     win = replace(win, {"train.steps": final_steps, "train.num_workers": final_workers,
+                        "train.cpus_per_worker": base.train.cpus_per_worker,
                         "train.eval_every": max(1, search_steps // 3), "train.log_every": max(1, search_steps // 3),
                         "train.ckpt_every": max(1, search_steps // 3), "train.max_failures": 2})
     final = train.fit(win)

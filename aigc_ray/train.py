@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,12 +30,15 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import storage
-from .config import Config, ConfigError, RunError, resolve, validate
+from .config import Config, ConfigError, RunError, replace, resolve, validate
 from .images import grid, png_bytes, to_uint8
-from .losses import LOSSES
+from .augment import Augment
+from .losses import LOSSES, r1_penalty
 from .models import build, generate, noise
 
 GRID_SIZE = 64
+R1_EVERY = 16  # lazy R1 (StyleGAN2): every 16th D update, weighted 16x
+ADA_INTERVAL = 4  # D steps between moves of the adaptive augmentation strength (ADA's)
 
 
 class TrainingFailed(RunError):
@@ -55,7 +58,10 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
+    aug: Augment  # what D sees of real and fake images, and its strength p
     step: int = 0  # G updates done
+    d_steps: int = 0  # D updates done (R1 runs on every R1_EVERY-th)
+    r_t: list = field(default_factory=list)  # ADA's E[sign(D(real))] of the steps since p last moved
 
 
 def unwrap(m: nn.Module) -> nn.Module:
@@ -74,8 +80,11 @@ def build_state(cfg: Config, device: torch.device | str = "cpu",
     opt_d = torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
     fp16 = cfg.train.amp == "fp16"
     dev = torch.device(device).type
+    a = cfg.augment
+    aug = Augment("none" if a.policy == "auto" else a.policy, a.p, adaptive=a.adaptive, target=a.target,
+                  speed=a.speed)
     return TrainState(wrap(g), wrap(d), g_ema, opt_g, opt_d,
-                      torch.amp.GradScaler(dev, enabled=fp16), torch.amp.GradScaler(dev, enabled=fp16))
+                      torch.amp.GradScaler(dev, enabled=fp16), torch.amp.GradScaler(dev, enabled=fp16), aug)
 
 
 def _autocast(cfg: Config, device_type: str):
@@ -95,9 +104,13 @@ def update_ema(g_ema: nn.Module, g: nn.Module, decay: float, step: int) -> None:
 
 
 def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) -> dict[str, torch.Tensor]:
-    """n_critic D updates then one G update; returns detached stats (loss_d, loss_g, loss extras)."""
+    """n_critic D updates then one G update; returns detached stats (loss_d, loss_g, loss extras).
+
+    D sees real and fake images through the same augmentation (state.aug), G is trained through it;
+    R1 (loss.r1_weight) is added every R1_EVERY-th D update, scaled up by as much (lazy regularisation).
+    """
     d_loss_fn, g_loss_fn = LOSSES[cfg.loss.name]
-    g, d, m = state.g, state.d, cfg.model
+    g, d, m, aug = state.g, state.d, cfg.model, state.aug
     amp = _autocast(cfg, next(unwrap(g).parameters()).device.type)
     stats: dict[str, torch.Tensor] = {}
 
@@ -110,8 +123,14 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
         last = i == cfg.loss.n_critic - 1
         with amp, torch.set_grad_enabled(last):  # the last fakes keep their graph for G's update
             fake = g(z, y)
+        real = aug(real)
         with amp:
-            loss_d, d_stats = d_loss_fn(d, real, fake.detach(), y, cfg.loss)
+            loss_d, d_stats = d_loss_fn(d, real, aug(fake.detach()), y, cfg.loss)
+        state.d_steps += 1
+        if cfg.loss.r1_weight and state.d_steps % R1_EVERY == 0:
+            r1 = r1_penalty(d, real, y)
+            loss_d = loss_d + cfg.loss.r1_weight / 2 * R1_EVERY * r1
+            d_stats["r1"] = r1.detach()
         state.opt_d.zero_grad(set_to_none=True)
         state.scaler_d.scale(loss_d).backward()
         state.scaler_d.step(state.opt_d)
@@ -122,7 +141,7 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
     d_plain = unwrap(d).requires_grad_(False)
     try:
         with amp:
-            loss_g, g_stats = g_loss_fn(d_plain, fake, y, cfg.loss)
+            loss_g, g_stats = g_loss_fn(d_plain, aug(fake), y, cfg.loss)
     finally:
         d_plain.requires_grad_(True)
     state.opt_g.zero_grad(set_to_none=True)
@@ -133,8 +152,27 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
     state.step += 1
     if state.g_ema is not None:
         update_ema(state.g_ema, unwrap(g), cfg.train.ema_decay, state.step)
+    if aug.adaptive and aug.ops:
+        _adapt(state, d_stats["r_t"], real.shape[0])
     stats.update(d_stats, **g_stats, loss_d=loss_d.detach().float(), loss_g=loss_g.detach().float())
+    if aug.on:
+        stats["aug_p"] = torch.tensor(aug.p)
     return stats
+
+
+def _adapt(state: TrainState, r_t: torch.Tensor, batch: int) -> None:
+    """ADA: every ADA_INTERVAL steps, r_t averaged over those steps and over all workers moves p."""
+    state.r_t.append(r_t.float())
+    if len(state.r_t) < ADA_INTERVAL:
+        return
+    mean = torch.stack(state.r_t).mean()
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(mean)
+        mean = mean / world
+    state.aug.adjust(float(mean), ADA_INTERVAL * batch * world)
+    state.r_t.clear()
 
 
 def state_dict(state: TrainState) -> dict[str, Any]:
@@ -146,7 +184,8 @@ def state_dict(state: TrainState) -> dict[str, Any]:
         "g_ema": state.g_ema.state_dict() if state.g_ema is not None else None,
         "opt_g": state.opt_g.state_dict(), "opt_d": state.opt_d.state_dict(),
         "scaler_g": state.scaler_g.state_dict(), "scaler_d": state.scaler_d.state_dict(),
-        "step": state.step, "rng": rng,
+        "step": state.step, "rng": rng, "d_steps": state.d_steps, "aug_p": state.aug.p,
+        "r_t": [float(r) for r in state.r_t],
     }
 
 
@@ -161,6 +200,9 @@ def load_state_dict(state: TrainState, sd: dict[str, Any], restore_rng: bool = T
         state.scaler_g.load_state_dict(sd["scaler_g"])
         state.scaler_d.load_state_dict(sd["scaler_d"])
     state.step = int(sd["step"])
+    state.d_steps = int(sd.get("d_steps", state.step))
+    state.aug.p = float(sd.get("aug_p", state.aug.p))
+    state.r_t = [torch.tensor(r) for r in sd.get("r_t", [])]
     if restore_rng:
         torch.set_rng_state(sd["rng"]["cpu"])
         if "cuda" in sd["rng"] and torch.cuda.is_available():
@@ -186,12 +228,13 @@ def sample_grid(state: TrainState, cfg: Config) -> bytes:
 # Progress and TensorBoard: called by the driver-side callback, or by the loop in local mode.
 
 
-def progress_line(m: dict[str, Any], total: int) -> str:
+def progress_line(m: dict[str, Any], total: int, layout: str = "") -> str:
     extra = f" W={m['wasserstein']:.3f}" if "wasserstein" in m else ""
     evals = "".join(f" {k}={m[k]:.2f}" for k in ("fid", "fid_domain") if k in m)
+    extra += f" aug p={m['aug_p']:.2f}" if "aug_p" in m else ""
     return (f"[aigc_ray] step {m['step']}/{total} ({100 * m['step'] / total:.0f}%) "
             f"loss_d={m['loss_d']:.3f} loss_g={m['loss_g']:.3f}{extra}{evals} "
-            f"{m['images_per_s']:.0f} img/s, {m['images_seen']} images seen")
+            f"{m['images_per_s']:.0f} img/s, {m['images_seen']} images seen" + (f", {layout}" if layout else ""))
 
 
 class Logger:
@@ -199,12 +242,13 @@ class Logger:
 
     On an object store the events are written to a local folder and published after every flush."""
 
-    def __init__(self, run_dir: str | None, total_steps: int, echo: bool = True):
-        self.run_dir, self.total, self.echo, self._writer, self._local = run_dir, total_steps, echo, None, None
+    def __init__(self, run_dir: str | None, total_steps: int, echo: bool = True, layout: str = ""):
+        self.run_dir, self.total, self.echo, self.layout = run_dir, total_steps, echo, layout
+        self._writer = self._local = None
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.echo:
-            print(progress_line(metrics, self.total), flush=True)
+            print(progress_line(metrics, self.total, self.layout), flush=True)
         if not self.run_dir:
             return
         tb = storage.join(self.run_dir, "tensorboard")
@@ -221,14 +265,14 @@ class Logger:
             storage.publish_dir(self._local, tb)
 
 
-def _progress_callback(run_dir: str, total: int, echo: bool):
+def _progress_callback(run_dir: str, total: int, echo: bool, layout: str = ""):
     from ray.train import UserCallback
 
     class Progress(UserCallback):
         """Runs on the Ray Train controller: one line per report, and TensorBoard events."""
 
         def __init__(self):
-            self.logger = Logger(run_dir, total, echo)
+            self.logger = Logger(run_dir, total, echo, layout)
 
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0]:
@@ -279,7 +323,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.manual_seed(t.seed + 7919 * rank)
     batches = data_mod.Batches(data, t.batch_size, seed=t.seed * 1000 + rank,
                                start=state.step * cfg.loss.n_critic, device=device)
-    logger = Logger(run_dir, t.steps, config["echo"]) if local else None
+    logger = Logger(run_dir, t.steps, config["echo"], layout(cfg)) if local else None
 
     window: dict[str, torch.Tensor] = {}
     n_window, t0 = 0, time.perf_counter()
@@ -422,16 +466,57 @@ def _say_resume(cfg: Config, run_dir: str) -> None:
         print(f"[aigc_ray] resuming {cfg.run.name} from step {step} (checkpoint {latest})", flush=True)
 
 
-def prepare(cfg: Config) -> Config:
-    """Validate and resolve 'auto' values (channels, classes, GPU, AMP, name) against data and cluster."""
+def plan_workers(num_workers: int, cpus_per_worker: int, use_gpu: bool, nodes: list[dict[str, float]],
+                 concurrent: int = 1) -> tuple[int, int]:
+    """Concrete (workers, CPUs per worker) for 'auto' values (-1 workers, 0 CPUs), for `concurrent` runs
+    sharing the cluster whose alive nodes hold `nodes` resources ({"CPU": 2, "GPU": 0}).
+
+    Auto workers: one per GPU on GPUs, else one per node with CPUs (inside a node, torch threads beat
+    DDP between processes). Auto CPUs: the most per worker such that every worker of every run still
+    fits on some node, so Ray never waits for a placement the cluster cannot give.
+    """
+    concurrent = max(1, concurrent)
+    cpu_nodes = [int(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) >= 1]
+    if num_workers < 0:
+        gpus = int(sum(n.get("GPU", 0) for n in nodes))
+        num_workers = max(1, (gpus if use_gpu and gpus else len(cpu_nodes)) // concurrent)
+    if cpus_per_worker <= 0:
+        need = num_workers * concurrent
+        fits = [c for c in range(1, max(cpu_nodes, default=1) + 1) if sum(n // c for n in cpu_nodes) >= need]
+        cpus_per_worker = max(fits, default=1)
+    return num_workers, cpus_per_worker
+
+
+def layout(cfg: Config) -> str:
+    """How a resolved run uses the machine, as the progress lines say it: '1 worker x 2 threads'."""
+    t = cfg.train
+    workers = "in-process" if t.num_workers == 0 else f"{t.num_workers} worker{'s' * (t.num_workers > 1)}"
+    return f"{workers} x {t.cpus_per_worker} thread{'s' * (t.cpus_per_worker > 1)}" + (" + GPU" if t.use_gpu else "")
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def prepare(cfg: Config, concurrent: int = 1) -> Config:
+    """Validate and resolve 'auto' values (channels, classes, GPU, AMP, workers and threads, name)
+    against the data and the cluster; `concurrent` runs will share the cluster (a search)."""
     import ray
 
     cfg = validate(cfg)
     channels, num_classes = data_mod.info(cfg.data)
-    use_gpu = cfg.train.use_gpu
+    t = cfg.train
+    use_gpu = t.use_gpu
     if use_gpu is None:
-        use_gpu = (ray.cluster_resources().get("GPU", 0) > 0) if cfg.train.num_workers else torch.cuda.is_available()
-    return resolve(cfg, channels=channels, num_classes=num_classes, use_gpu=use_gpu)
+        use_gpu = (ray.cluster_resources().get("GPU", 0) > 0) if t.num_workers else torch.cuda.is_available()
+    if t.num_workers == 0:  # this process: its own CPUs
+        workers, cpus = 0, t.cpus_per_worker or len(os.sched_getaffinity(0))
+    else:
+        workers, cpus = plan_workers(t.num_workers, t.cpus_per_worker, use_gpu, alive_nodes(), concurrent)
+    cfg = replace(cfg, {"train.num_workers": workers, "train.cpus_per_worker": cpus})
+    return resolve(cfg, channels=channels, num_classes=num_classes, use_gpu=use_gpu, size=data_mod.size(cfg.data))
 
 
 def run_dir_of(cfg: Config) -> str:
@@ -470,6 +555,7 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
     t, run_dir = cfg.train, run_dir_of(cfg)
     _check_resumable(cfg, run_dir)
     local = t.num_workers == 0
+    check_cluster(cfg)
     if inputs is None:
         inputs = make_inputs(cfg, local)  # a dataset or reference that cannot be had fails here, before a write
     storage.write_text(storage.join(run_dir, ckpt.CONFIG_FILE), json.dumps(cfg.to_dict(), indent=2))
@@ -477,7 +563,7 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
         _say_resume(cfg, run_dir)
     cbs = list(callbacks or [])
     if not local:
-        cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet))
+        cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet, layout=layout(cfg)))
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet,

@@ -142,17 +142,27 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
                                    "train.keep_checkpoints": 2, "train.max_failures": 1, "train.seed": seed,
                                    "run.storage": storage_mod.normalize(storage)})))
     resources = ray.cluster_resources()
-    per_trial = workers_per_trial * base.train.cpus_per_worker
-    if per_trial > resources.get("CPU", 0):
-        raise ConfigError(f"tune: {workers_per_trial} workers per trial need {per_trial} CPUs, "
-                          f"the cluster has {resources.get('CPU', 0):g}")
     if gpus_per_trial and workers_per_trial > resources.get("GPU", 0):
         raise ConfigError(f"tune: {workers_per_trial} GPU workers per trial, the cluster has "
                           f"{resources.get('GPU', 0):g} GPUs")
     if metric == "fid-domain" and not data_mod.info(base.data)[1]:
         raise ConfigError("tune: fid-domain needs a labeled dataset; use --metric fid")
     train.check_inputs(base)
-    concurrent = max_concurrent or max(1, int(resources.get("CPU", 1) // per_trial))
+    # As many trials at a time as the cluster holds (ASHA gains from breadth), then the CPUs split
+    # among their workers: 4 trials on 2 CPUs run 2 at a time on 1 thread each, 1 trial gets both.
+    nodes = train.alive_nodes()
+    cpus = base.train.cpus_per_worker or 1
+    fit_trials = max(1, int((resources.get("GPU", 0) if gpus_per_trial else resources.get("CPU", 0))
+                            // (workers_per_trial * (1 if gpus_per_trial else cpus))))
+    concurrent = min(num_trials, max_concurrent or fit_trials)
+    workers, cpus = train.plan_workers(workers_per_trial, base.train.cpus_per_worker, gpus_per_trial > 0, nodes,
+                                       concurrent)
+    per_trial = workers * cpus
+    if per_trial > resources.get("CPU", 0):
+        raise ConfigError(f"tune: {workers} workers per trial ({cpus} CPUs each) need {per_trial} CPUs, "
+                          f"the cluster has {resources.get('CPU', 0):g}")
+    base = replace(base, {"train.cpus_per_worker": cpus})
+    log(f"[aigc_ray] {concurrent} trial{'s' * (concurrent > 1)} at a time, each {train.layout(base)}")
 
     root = storage_mod.normalize(storage)
     search_dir = storage_mod.join(root, name)

@@ -82,6 +82,32 @@ def _png(content):
     return Image.open(io.BytesIO(content))
 
 
+def test_export_writes_the_bytes_generate_serves_for_the_same_seeds(service, tmp_path, capsys):
+    import json
+
+    from aigc_ray.cli import main
+
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", service.checkpoint, "--n", "40", "--seed", "7", "--format", "png-dir",
+                 "--out", str(out)]) == 0
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"{s:08d}.png" for s in range(7, 47)]
+    with httpx.Client(base_url=URL, timeout=30) as c:
+        served = c.post("/generate", json={"n": 20, "seed": 27, "format": "json"}).json()["images"]
+        assert [f.read_bytes() for f in files[20:]] == [base64.b64decode(s) for s in served]
+        npy = np.load(io.BytesIO(c.post("/generate", json={"n": 20, "seed": 7, "format": "npy"}).content))
+    assert main(["sample", "--checkpoint", service.checkpoint, "--n", "40", "--seed", "7", "--format", "npz",
+                 "--out", str(tmp_path / "s.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "npz"
+    z = np.load(tmp_path / "s.npz")
+    assert z["images"].shape == (40, 32, 32, 1) and z["seeds"].tolist() == list(range(7, 47))
+    assert np.array_equal(z["images"][:20], npy)  # the service's max_n is 32: the first 20 of them
+    # An existing output is refused, not mixed with; nothing half-written is left beside it.
+    assert main(["sample", "--checkpoint", service.checkpoint, "--n", "2", "--format", "png-dir",
+                 "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "samples"]
+
+
 def test_each_endpoint_returns_what_it_promises(service):
     with httpx.Client(base_url=URL, timeout=30) as c:
         r = c.post("/generate", json={"n": 1, "seed": 3})

@@ -15,9 +15,10 @@ def _resolved(cfg):
     return resolve(cfg, channels=1, num_classes=10)
 
 
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("loss", ["bce", "wgan-gp", "hinge", "lsgan"])
-def test_train_step_runs_without_ray_and_updates_both_nets(tiny, loss):
-    cfg = _resolved(tiny(loss__name=loss))
+def test_train_step_runs_without_ray_and_updates_both_nets(tiny, loss, arch):
+    cfg = _resolved(tiny(loss__name=loss, model__arch=arch, model__spectral_norm=arch == "resnet"))
     state = train.build_state(cfg)
     g0 = [p.clone() for p in state.g.parameters()]
     d0 = [p.clone() for p in state.d.parameters()]
@@ -31,8 +32,9 @@ def test_train_step_runs_without_ray_and_updates_both_nets(tiny, loss):
         assert stats["gp"] > 0 and "wasserstein" in stats
 
 
-def test_conditional_train_step(tiny):
-    cfg = _resolved(tiny(model__conditional=True, loss__name="hinge"))
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_conditional_train_step(tiny, arch):
+    cfg = _resolved(tiny(model__conditional=True, loss__name="hinge", model__arch=arch))
     state = train.build_state(cfg)
     train.train_step(state, data.Batches(data.load(cfg.data), 16, seed=0), cfg)
     assert state.step == 1
@@ -50,16 +52,20 @@ def test_ema_tracks_g_with_warmup(tiny):
     assert all(torch.allclose(a, b, atol=0.05) for a, b in zip(g, ema))  # but close, early on
 
 
-def test_local_mode_resume_is_exact(tiny):
-    """20 steps then resume to 30 gives the same weights as 30 steps straight (RNG, data order, Adam)."""
-    straight = train.fit(tiny(train__steps=6, run__name="straight"), quiet=True)
-    train.fit(tiny(train__steps=4, run__name="split"), quiet=True)
-    resumed = train.fit(tiny(train__steps=6, run__name="split"), quiet=True)
+@pytest.mark.parametrize("recipe", [{}, {"model__arch": "resnet", "loss__name": "hinge", "loss__r1_weight": 1.0,
+                                     "augment__adaptive": True, "augment__p": 0.0, "augment__speed": 500}])
+def test_local_mode_resume_is_exact(tiny, recipe):
+    """4 steps then resume to 6 gives the same weights as 6 steps straight (RNG, data order, Adam, and the
+    augmentation strength, R1's schedule and ADA's pending r_t in the ResNet recipe)."""
+    straight = train.fit(tiny(train__steps=6, run__name="straight", **recipe), quiet=True)
+    train.fit(tiny(train__steps=4, run__name="split", **recipe), quiet=True)
+    resumed = train.fit(tiny(train__steps=6, run__name="split", **recipe), quiet=True)
     assert straight["step"] == resumed["step"] == 6
     a, b = ckpt.load(straight["checkpoint"]), ckpt.load(resumed["checkpoint"])
     for k in a["g"]:
         assert torch.equal(a["g"][k], b["g"][k]), k
     assert b["opt_g"]["state"][0]["step"] == 6
+    assert (a["aug_p"], a["d_steps"], a["r_t"]) == (b["aug_p"], b["d_steps"], b["r_t"])
 
 
 def test_resume_refuses_a_different_model(tiny):
@@ -107,3 +113,39 @@ def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_clust
     fresh = train.build_state(resolve(cfg, channels=1, num_classes=10))
     k = "net.0.weight"
     assert (w9["g"][k] - w6["g"][k]).norm() < (w9["g"][k] - fresh.g.state_dict()[k]).norm()
+
+
+@pytest.mark.parametrize("nodes,workers,cpus,concurrent,want", [
+    ([{"CPU": 2}], -1, 0, 1, (1, 2)),  # this machine: one worker on both cores, not two on one each
+    ([{"CPU": 2}], -1, 0, 2, (1, 1)),  # two trials at a time share the cores
+    ([{"CPU": 0}, {"CPU": 2}], -1, 0, 1, (1, 2)),  # a 0-CPU head holds no worker
+    ([{"CPU": 8}, {"CPU": 8}], -1, 0, 1, (2, 8)),  # one worker per node, its threads take the node
+    ([{"CPU": 2}, {"CPU": 8}], 2, 0, 1, (2, 4)),  # both workers fit: on the big node, 4 CPUs each
+    ([{"CPU": 2}, {"CPU": 8}], 1, 0, 1, (1, 8)),
+    ([{"CPU": 16, "GPU": 8}], -1, 0, 1, (8, 2)),  # GPUs: one worker each, the CPUs split among them
+    ([{"CPU": 16, "GPU": 8}], -1, 0, 4, (2, 2)),
+    ([{"CPU": 2}], 3, 0, 1, (3, 1)),  # more workers than CPUs: check_cluster names the problem
+    ([{"CPU": 4}], 1, 3, 1, (1, 3)),  # given values stay
+])
+def test_auto_workers_and_threads_fit_the_cluster(nodes, workers, cpus, concurrent, want):
+    use_gpu = any(n.get("GPU") for n in nodes)
+    got = train.plan_workers(workers, cpus, use_gpu, nodes, concurrent)
+    assert got == want
+    if workers < 0 or (cpus == 0 and got[0] * concurrent <= sum(n["CPU"] for n in nodes)):
+        # Every worker of every concurrent run has a node with room for it.
+        free = sorted((int(n["CPU"]) for n in nodes), reverse=True)
+        for _ in range(got[0] * concurrent):
+            i = next(i for i, f in enumerate(free) if f >= got[1])
+            free[i] -= got[1]
+
+
+def test_auto_layout_uses_this_machine_and_the_progress_line_says_so(ray_cluster, tiny, capsys):
+    cfg = tiny(train__num_workers=-1, train__cpus_per_worker=0, train__steps=2, train__log_every=2)
+    prepared = train.prepare(cfg)
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    assert (prepared.train.num_workers, prepared.train.cpus_per_worker) == (1, cpus)
+    assert train.layout(prepared) == f"1 worker x {cpus} thread{'s' * (cpus > 1)}"
+    local = train.prepare(tiny(train__cpus_per_worker=0))
+    assert local.train.num_workers == 0 and local.train.cpus_per_worker == len(__import__("os").sched_getaffinity(0))
+    train.fit(tiny(train__cpus_per_worker=0, train__steps=2, train__log_every=2))
+    assert "in-process x" in capsys.readouterr().out

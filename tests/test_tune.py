@@ -28,7 +28,7 @@ def test_bad_search_spaces_fail_with_one_line(space, needle):
 def test_bad_budgets_fail_before_any_trial(ray_cluster, tiny, tmp_path):
     with pytest.raises(ConfigError, match="must be > 0"):
         tune.search(tiny(), name="s", storage=str(tmp_path), num_trials=0, max_steps=10)
-    with pytest.raises(ConfigError, match="workers per trial need 3 CPUs, the cluster has 2"):
+    with pytest.raises(ConfigError, match=r"3 workers per trial \(1 CPUs each\) need 3 CPUs, the cluster has 2"):
         tune.search(tiny(), name="s", storage=str(tmp_path), num_trials=1, max_steps=10, workers_per_trial=3)
     assert not (tmp_path / "s").exists()
 
