@@ -51,9 +51,10 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect to --address (or RAY_ADDRESS; a job's own cluster), else start a local cluster of this command's
-    own: never one that a `ray start` or a killed command left running on this machine."""
+    own: never one that a `ray start` or a killed command left running on this machine. log_to_driver=False
+    keeps the workers' own log lines out of this command's output (a search prints its own progress)."""
     import ray
 
     if ray.is_initialized():
@@ -67,7 +68,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_enable_metrics_collection", "0")
         os.environ.setdefault("AUTOSCALER_METRIC_PORT", "-1")
         os.environ.setdefault("DASHBOARD_METRIC_PORT", "-1")
-    ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING")
+        # Ray Train gives a worker group 60 s to start; on a busy machine importing torch in a fresh worker
+        # process takes longer, and the run would fail for it.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING", log_to_driver=log_to_driver)
 
 
 def emit(result: dict[str, Any], as_json: bool) -> None:
@@ -279,12 +283,13 @@ def cmd_tune(args) -> dict:
     from . import train
 
     train.check_inputs(cfg)
-    init_ray(args.address)
+    init_ray(args.address, log_to_driver=args.verbose)  # one line per trial report comes from the driver
     best = tune.search(cfg, name=args.name or "search", storage=cfg.run.storage, num_trials=args.num_trials,
                        max_steps=args.max_steps, metric=args.metric, space=space,
                        workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
                        max_concurrent=args.max_concurrent, searcher=args.searcher,
-                       eval_every=cfg.train.eval_every, eval_samples=cfg.train.eval_samples)
+                       eval_every=cfg.train.eval_every, eval_samples=cfg.train.eval_samples,
+                       scheduler=args.scheduler, perturb_every=args.perturb_every, quantile=args.quantile)
     print(tune.budget_line(best))
     return best
 
@@ -364,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (one per worker) [0]")
     tn.add_argument("--max-concurrent", type=int, default=0, help="trials at once [0: as the CPUs allow]")
     tn.add_argument("--searcher", default="random", choices=["random", "optuna"], help="[random]")
+    tn.add_argument("--scheduler", default="asha", help="asha: stop laggards at rungs; pbt: Population Based "
+                    "Training (the worst members copy the best and perturb their learning rates, betas, n_critic, "
+                    "EMA decay, loss weights); none [asha]")
+    tn.add_argument("--perturb-every", type=int, default=0, help="PBT: steps between copies [0: --eval-every]")
+    tn.add_argument("--quantile", type=float, default=0.25, help="PBT: share of members that copy / are copied [0.25]")
+    tn.add_argument("--verbose", action="store_true", help="show Ray's own log lines from every worker too")
     tn.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     tn.add_argument("--json", action="store_true", help="end with one JSON line of results")
     tn.set_defaults(fn=cmd_tune)

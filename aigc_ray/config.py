@@ -62,7 +62,7 @@ class ModelConfig:
     ndf: int = opt(64, "D width: channels of D's first layer (doubling towards the 4x4 end)")
     d_norm: str = opt("auto", "D normalisation: batch | layer | none; auto: none with wgan-gp, resnet or "
                               "spectral_norm, else batch")
-    spectral_norm: bool = opt(False, "spectral normalisation on every D layer")
+    spectral_norm: bool = opt(True, "spectral normalisation on every D layer (and then no BatchNorm in D)")
     conditional: bool = opt(False, "class-conditional G (label embedding) and D (projection); needs labels")
     num_classes: int = opt(0, "classes of a conditional model; 0: the dataset's own")
 
@@ -77,9 +77,9 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr_g: float = opt(2e-4, "Adam learning rate of G")
+    lr_g: float = opt(3e-4, "Adam learning rate of G")
     lr_d: float = opt(2e-4, "Adam learning rate of D")
-    beta1: float = opt(0.5, "Adam beta1 (both networks)")
+    beta1: float = opt(0.0, "Adam beta1 (both networks)")
     beta2: float = opt(0.999, "Adam beta2 (both networks)")
 
 
@@ -107,7 +107,7 @@ class TrainConfig:
     amp: str = opt("auto", "autocast on GPU: none | bf16 | fp16; auto: bf16 on GPU, none on CPU")
     cpus_per_worker: int = opt(0, "CPUs Ray reserves for each worker, and its torch threads; 0: auto (the "
                                   "cluster's CPUs split among the workers)")
-    ema_decay: float = opt(0.999, "decay of the EMA copy of G used for samples and FID; 0: no EMA")
+    ema_decay: float = opt(0.99, "decay of the EMA copy of G used for samples and FID; 0: no EMA")
     log_every: int = opt(50, "report metrics every this many steps")
     ckpt_every: int = opt(500, "write a checkpoint (with a sample grid) every this many steps")
     keep_checkpoints: int = opt(3, "checkpoints kept per run (the newest); 0: keep all")

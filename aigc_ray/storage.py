@@ -247,6 +247,14 @@ def publish_dir(local: str | Path, uri: str, last: str | None = None, skip: tupl
     return uri
 
 
+def copy_dir(src: str, dst: str, last: str | None = None) -> str:
+    """Copy every file under src to dst (any two storage locations), `last` after all the others."""
+    files = [e for e in list_dir(src, recursive=True) if not e.is_dir]
+    for e in sorted(files, key=lambda e: e.name.rsplit("/", 1)[-1] == last):
+        write_bytes(join(dst, e.name), read_bytes(e.uri))
+    return dst
+
+
 def download_dir(uri: str, local: str | Path) -> Path:
     local = Path(local)
     for e in list_dir(uri, recursive=True):

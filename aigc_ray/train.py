@@ -194,8 +194,13 @@ def load_state_dict(state: TrainState, sd: dict[str, Any], restore_rng: bool = T
     unwrap(state.d).load_state_dict(sd["d"])
     if state.g_ema is not None:
         state.g_ema.load_state_dict(sd["g_ema"] if sd.get("g_ema") is not None else sd["g"])
+    hyper = [[(k, g[k]) for k in ("lr", "betas")] for opt in (state.opt_g, state.opt_d) for g in opt.param_groups]
     state.opt_g.load_state_dict(sd["opt_g"])
     state.opt_d.load_state_dict(sd["opt_d"])
+    # Adam's moments come from the checkpoint, its learning rate and betas from this run's config: a
+    # resumed run (or a PBT member that copied another) may change them.
+    for g, h in zip([g for opt in (state.opt_g, state.opt_d) for g in opt.param_groups], hyper):
+        g.update(h)
     if sd.get("scaler_g"):
         state.scaler_g.load_state_dict(sd["scaler_g"])
         state.scaler_d.load_state_dict(sd["scaler_d"])

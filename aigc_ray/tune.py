@@ -25,6 +25,12 @@ from . import storage as storage_mod
 from .config import Config, ConfigError, all_keys, replace, validate, with_cache
 from .metrics import METRIC_KEYS
 
+PBT_SPACE: dict[str, Any] = {  # --scheduler pbt's default: what a running member may change
+    "optim.lr_g": {"loguniform": [5e-5, 1e-3]},
+    "optim.lr_d": {"loguniform": [5e-5, 1e-3]},
+    "optim.beta1": {"choice": [0.0, 0.5]},
+    "train.ema_decay": {"choice": [0.99, 0.999]},
+}
 DEFAULT_SPACE: dict[str, Any] = {
     "optim.lr_g": {"loguniform": [5e-5, 1e-3]},
     "optim.lr_d": {"loguniform": [5e-5, 1e-3]},
@@ -39,6 +45,10 @@ DEFAULT_SPACE: dict[str, Any] = {
     "train.batch_size": {"choice": [32, 64]},
 }
 KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
+SCHEDULERS = ("asha", "pbt", "none")
+# What PBT may change in a running member: its optimiser and loss weights, never what fixes the networks.
+PBT_MUTABLE = ("optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "loss.n_critic", "loss.gp_weight",
+               "loss.r1_weight", "train.ema_decay")
 TRIAL_CPUS = 0.01  # the trial's own driver; its Train workers ask for that much less (train.fit driver_cpus)
 
 
@@ -92,33 +102,108 @@ def load_space(path: str | None) -> dict[str, Any]:
         raise ConfigError(f"search space: cannot parse {p}: {str(e).splitlines()[0]}") from None
 
 
+SOURCE_FILE = "source.json"  # what a Tune checkpoint of a trial holds: where its Train checkpoint is
+
+
+def _relay(queue):
+    """A Ray Train callback (it runs in the Train controller) that passes every report, with the path of its
+    checkpoint, to the trial that started the run, which reports it to Tune."""
+    from ray.train import UserCallback
+
+    class Relay(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = dict(metrics[0])
+            if checkpoint:
+                m["checkpoint_path"] = checkpoint.path
+            queue.put(m)
+
+    return Relay()
+
+
+def _start(trial_id: str, root: str, search_dir: str, config: dict) -> str:
+    """The Train run this trial continues: its own, or under PBT a fresh one seeded with the checkpoint of the
+    better member it was told to copy (G, D, EMA, both Adam states, step), recorded in the lineage."""
+    import ray.tune
+
+    start = ray.tune.get_checkpoint()
+    if start is None:
+        return f"train-{trial_id}"
+    with start.as_directory() as d:
+        src = json.loads((Path(d) / SOURCE_FILE).read_text())
+    if src["trial"] == trial_id:
+        return src["run"]
+    run, n = f"train-{trial_id}-s{src['step']}", 1
+    while storage_mod.exists(storage_mod.join(root, run)):  # copied at that step before: a run of its own again
+        n += 1
+        run = f"train-{trial_id}-s{src['step']}-{n}"
+    storage_mod.copy_dir(src["checkpoint"], storage_mod.join(root, run, storage_mod.name(src["checkpoint"])),
+                         last="meta.json")
+    storage_mod.write_text(storage_mod.join(search_dir, "lineage", f"{run}.json"), json.dumps({
+        "trial": trial_id, "step": src["step"], "copied": src["trial"], "checkpoint": src["checkpoint"], "run": run,
+        **{f"new {k}": v for k, v in config["space"].items()}}))
+    return run
+
+
 def _trial(config: dict[str, Any], inputs: dict) -> None:
     """One Tune trial: a Ray Train run (possibly many workers) named after the trial.
 
     inputs: the images and scoring reference the search driver put in the object store once
-    (train.make_inputs); a trial runs on any node and never loads data of its own."""
+    (train.make_inputs); a trial runs on any node and never loads data of its own. Every report reaches
+    Tune with a small checkpoint naming the Train checkpoint, which PBT hands to the members it lets copy.
+    """
+    import shutil
+    import tempfile
+    import threading
+
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     from . import train
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = replace(Config.from_dict(config["base"]), {**config["space"], "run.name": f"train-{trial_id}"})
-    train.fit(cfg, callbacks=[TuneReportCallback()], quiet=True, keep_best_by=config["metric_key"],
-              driver_cpus=TRIAL_CPUS, inputs=inputs)
+    root = storage_mod.normalize(Config.from_dict(config["base"]).run.storage)
+    run = _start(trial_id, root, config["search_dir"], config)
+    cfg = replace(Config.from_dict(config["base"]), {**config["space"], "run.name": run})
+    queue, done = Queue(actor_options={"num_cpus": 0}), {}
+
+    def work():
+        try:
+            train.fit(cfg, callbacks=[_relay(queue)], quiet=True, keep_best_by=config["metric_key"],
+                      driver_cpus=TRIAL_CPUS, inputs=inputs)
+        except BaseException as e:  # raised again in the trial's own thread, below
+            done["error"] = e
+        finally:
+            queue.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (m := queue.get()) is not None:
+        checkpoint = None
+        if m.get("checkpoint_path"):
+            d = tempfile.mkdtemp(prefix="aigc_trial_")
+            (Path(d) / SOURCE_FILE).write_text(json.dumps({
+                "checkpoint": storage_mod.from_fs_path(m["checkpoint_path"], like=root), "run": run,
+                "trial": trial_id, "step": m["step"]}))
+            checkpoint = ray.tune.Checkpoint.from_directory(d)
+        ray.tune.report({**m, "run": run, "lr_g": cfg.optim.lr_g, "lr_d": cfg.optim.lr_d}, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)  # Tune has its own copy now
+    if "error" in done:
+        raise done["error"]
 
 
 def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps: int, metric: str = "fid-domain",
            space: dict[str, Any] | None = None, workers_per_trial: int = 1, gpus_per_trial: float = 0,
            max_concurrent: int = 0, searcher: str = "random", eval_every: int = 0, grace_steps: int = 0,
-           eval_samples: int = 1000, seed: int = 0, log=print) -> dict[str, Any]:
+           eval_samples: int = 1000, seed: int = 0, scheduler: str = "asha", perturb_every: int = 0,
+           quantile: float = 0.25, log=print) -> dict[str, Any]:
     """Run (or resume) the search `name`; writes trials.csv, fid_vs_step.png, best.json; returns best.
 
     eval_every: steps between FID reports, ASHA's rungs (0: max_steps / 6); eval_samples: images per FID.
+    scheduler: asha (stop laggards), pbt (every perturb_every steps the worst `quantile` of the population
+    copies a member of the best quantile and perturbs the PBT_MUTABLE keys; pbt_lineage.csv), none.
     """
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from . import data as data_mod
     from . import train
@@ -132,14 +217,18 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
         raise ConfigError(f"tune: --workers-per-trial must be >= 1, got {workers_per_trial}")
     if searcher not in ("random", "optuna"):
         raise ConfigError(f"tune: --searcher must be random or optuna, got {searcher!r}")
-    param_space = parse_space(space if space is not None else DEFAULT_SPACE)
+    raw_space = space if space is not None else (PBT_SPACE if scheduler == "pbt" else DEFAULT_SPACE)
+    param_space = parse_space(raw_space)
     eval_every = eval_every or max(1, max_steps // 6)
     grace_steps = grace_steps or eval_every
+    perturb_every = _check_scheduler(scheduler, raw_space, num_trials, searcher, eval_every, perturb_every,
+                                     quantile)
     base = with_cache(validate(replace(base, {"train.steps": max_steps, "train.num_workers": workers_per_trial,
                                    "train.use_gpu": gpus_per_trial > 0, "train.eval_every": eval_every,
                                    "train.log_every": eval_every, "train.ckpt_every": eval_every,
                                    "train.eval_metric": metric, "train.eval_samples": eval_samples,
-                                   "train.keep_checkpoints": 2, "train.max_failures": 1, "train.seed": seed,
+                                   "train.keep_checkpoints": 0 if scheduler == "pbt" else 2,
+                                   "train.max_failures": 1, "train.seed": seed,
                                    "run.storage": storage_mod.normalize(storage)})))
     resources = ray.cluster_resources()
     if gpus_per_trial and workers_per_trial > resources.get("GPU", 0):
@@ -188,21 +277,104 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
             search_alg = OptunaSearch(seed=seed)
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": base.to_dict(), "space": param_space, "metric_key": metric_key},
+            param_space={"base": base.to_dict(), "space": param_space, "metric_key": metric_key,
+                         "search_dir": search_dir},
             tune_config=tune.TuneConfig(
                 metric=metric_key, mode="min", num_samples=num_trials, max_concurrent_trials=concurrent,
                 search_alg=search_alg,
-                scheduler=ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps,
-                                        reduction_factor=2)),
+                scheduler=_scheduler(scheduler, raw_space, param_space, max_steps, grace_steps, perturb_every,
+                                     quantile)),
             # A trial whose node dies starts again elsewhere, resuming its Train run from storage.
-            run_config=tune.RunConfig(name=name, **where, verbose=0,
+            run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[Progress(metric_key, log)],
                                       failure_config=tune.FailureConfig(max_failures=2)),
         )
     grid = tuner.fit()
-    return _report(grid, search_dir, metric_key, max_steps, log)
+    return _report(grid, search_dir, metric_key, max_steps, log, scheduler)
 
 
-def _report(grid, search_dir: str, metric_key: str, max_steps: int, log) -> dict[str, Any]:
+def _check_scheduler(scheduler: str, raw_space: dict, num_trials: int, searcher: str, eval_every: int,
+                     perturb_every: int, quantile: float) -> int:
+    """One line for every way a scheduler's settings can be wrong; returns PBT's perturbation interval."""
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"tune: --scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    if scheduler != "pbt":
+        return 0
+    if not 0 < quantile <= 0.5:
+        raise ConfigError(f"tune: --quantile must be in (0, 0.5] (the share of members that copy, and are "
+                          f"copied), got {quantile}")
+    if num_trials < 2:
+        raise ConfigError(f"tune: PBT needs a population of at least 2 (--num-trials), got {num_trials}")
+    if searcher != "random":
+        raise ConfigError("tune: PBT samples its first population itself; drop --searcher optuna")
+    for key, spec in raw_space.items():
+        if isinstance(spec, dict) and key not in PBT_MUTABLE:
+            raise ConfigError(f"tune: PBT cannot change {key} in a running member (it fixes the networks or the "
+                              f"data); searchable with PBT: {', '.join(PBT_MUTABLE)}; fix {key} with a flag or "
+                              "use --scheduler asha")
+        if isinstance(spec, dict) and "grid" in spec:
+            raise ConfigError(f"tune: {key}: PBT explores by perturbing, not over a grid; use choice")
+    perturb_every = perturb_every or eval_every
+    if perturb_every <= 0 or perturb_every % eval_every:
+        raise ConfigError(f"tune: --perturb-every ({perturb_every}) must be a positive multiple of --eval-every "
+                          f"({eval_every}): members are compared at their reports")
+    return perturb_every
+
+
+def _scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: int, grace_steps: int,
+               perturb_every: int, quantile: float):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=2)
+    if scheduler == "none":
+        return FIFOScheduler()
+    sampled = {k: v for k, v in param_space.items() if isinstance(raw_space[k], dict)}
+
+    def within_bounds(config: dict) -> dict:  # a perturbed value (x0.8, x1.2) stays inside its range
+        for key, spec in raw_space.items():
+            kind, args = next(iter(spec.items())) if isinstance(spec, dict) else (None, None)
+            if kind in ("loguniform", "uniform", "randint") and key in config["space"]:
+                config["space"][key] = type(config["space"][key])(min(max(config["space"][key], args[0]), args[1]))
+        return config
+
+    return PopulationBasedTraining(time_attr="step", perturbation_interval=perturb_every,
+                                   hyperparam_mutations={"space": sampled}, quantile_fraction=quantile,
+                                   custom_explore_fn=within_bounds, synch=False)
+
+
+class Progress:
+    """The driver's live view of a search: one line per trial report, the best so far, PBT's copies, errors.
+    (A ray.tune.Callback; built lazily so importing this module does not import Ray.)"""
+
+    def __new__(cls, metric_key: str, log=print):
+        from ray import tune
+
+        class _Progress(tune.Callback):
+            def __init__(self):
+                self.best, self.runs = None, {}
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                tid, step, value = trial.trial_id, result.get("step"), result.get(metric_key)
+                run = result.get("run")
+                if run and self.runs.get(tid) not in (None, run) and run != f"train-{tid}":
+                    log(f"[aigc_ray] trial {tid} copied a better member at step {step}: lr_g={result.get('lr_g'):.3g} "
+                        f"lr_d={result.get('lr_d'):.3g} (run {run})")
+                self.runs[tid] = run
+                if value is None:
+                    return
+                if self.best is None or value < self.best[0]:
+                    self.best = (value, tid, step)
+                log(f"[aigc_ray] trial {tid} step {step} {metric_key}={value:.2f} "
+                    f"{result.get('images_per_s', 0):.0f} img/s | best {self.best[0]:.2f} "
+                    f"(trial {self.best[1]}, step {self.best[2]})")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                log(f"[aigc_ray] trial {trial.trial_id} failed; its error is under {trial.path}")
+
+        return _Progress()
+
+
+def _report(grid, search_dir: str, metric_key: str, max_steps: int, log, scheduler: str = "asha") -> dict[str, Any]:
     """trials.csv, the FID plot, the table and best.json from a finished (or resumed) search."""
     import pandas as pd
 
@@ -227,6 +399,10 @@ def _report(grid, search_dir: str, metric_key: str, max_steps: int, log) -> dict
     write = storage_mod.write_text
     write(storage_mod.join(search_dir, "trials.csv"), pd.concat(frames, ignore_index=True).to_csv(index=False))
     storage_mod.write_bytes(storage_mod.join(search_dir, "fid_vs_step.png"), _plot(frames, metric_key))
+    lineage = _lineage(search_dir)
+    if lineage is not None:
+        write(storage_mod.join(search_dir, "pbt_lineage.csv"), lineage.to_csv(index=False))
+        storage_mod.write_bytes(storage_mod.join(search_dir, "lr_schedules.png"), _plot(frames, "lr_g", "lr_d"))
     table = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_") and k != "checkpoint"} for r in rows])
     table = table.sort_values(f"best_{metric_key}", na_position="last")
     log("\n" + table.to_string(index=False))
@@ -237,13 +413,23 @@ def _report(grid, search_dir: str, metric_key: str, max_steps: int, log) -> dict
     best = {"checkpoint": win["checkpoint"], "metric": metric_key, "value": win[f"best_{metric_key}"],
             "step": win["best_step"], "trial_id": win["trial"], "search": search_dir,
             "config": json.loads(storage_mod.read_text(storage_mod.join(win["checkpoint"], "config.json"))),
-            "steps_run": int(sum(r["steps"] for r in rows)), "steps_full_grid": len(rows) * max_steps}
+            "steps_run": int(sum(r["steps"] for r in rows)), "steps_full_grid": len(rows) * max_steps,
+            "copies": 0 if lineage is None else len(lineage), "scheduler": scheduler}
     write(storage_mod.join(search_dir, "best.json"), json.dumps(best, indent=2))
     best["best_json"] = storage_mod.join(search_dir, "best.json")
     best["table"] = table.astype(object).where(table.notna(), None).to_dict("records")
     best["worst_value"] = max(r[f"best_{metric_key}"] for r in ranked)
     best["trials"] = len(rows)
     return best
+
+
+def _lineage(search_dir: str):
+    """Every copy PBT made (who copied whom, at which step, with which new values), or None if none."""
+    import pandas as pd
+
+    rows = [json.loads(storage_mod.read_text(e.uri)) for e in storage_mod.list_dir(storage_mod.join(search_dir, "lineage"))
+            if e.name.endswith(".json")]
+    return pd.DataFrame(rows).sort_values(["step", "trial"]) if rows else None
 
 
 def _column(key: str) -> str:
@@ -254,8 +440,8 @@ def _short(v: Any) -> Any:
     return float(f"{v:.3g}") if isinstance(v, float) else v
 
 
-def _plot(frames, metric_key: str) -> bytes:
-    """The metric against step for every trial, as PNG bytes."""
+def _plot(frames, metric_key: str, second: str | None = None) -> bytes:
+    """A metric (and a second one, dashed) against step for every trial, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,14 +449,17 @@ def _plot(frames, metric_key: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for df in frames:
-        if metric_key in df:
-            d = df.dropna(subset=[metric_key])
-            ax.plot(d["step"], d[metric_key], marker="o", label=str(df["trial_id"].iloc[0])[-8:])
+        for key, style in ((metric_key, "-"), (second, "--")):
+            if key and key in df:
+                d = df.dropna(subset=[key])
+                ax.plot(d["step"], d[key], style, marker="o", markersize=3,
+                        label=f"{str(df['trial_id'].iloc[0])[-5:]} {key if second else ''}".strip())
     ax.set_xlabel("step")
-    ax.set_ylabel(metric_key)
+    ax.set_ylabel(metric_key + (f" (solid), {second} (dashed)" if second else ""))
     if all(df[metric_key].dropna().gt(0).all() for df in frames if metric_key in df):
         ax.set_yscale("log")
-    ax.set_title(f"{metric_key} against step, every trial (ASHA stops the laggards)")
+    ax.set_title(f"the learning rates PBT found, every member" if second else
+                 f"{metric_key} against step, every trial")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -280,6 +469,9 @@ def _plot(frames, metric_key: str) -> bytes:
 
 
 def budget_line(best: dict[str, Any]) -> str:
+    if best.get("scheduler") == "pbt":
+        return (f"PBT: {best['trials']} members, {best['copies']} copies of a better member, "
+                f"{best['steps_run']} steps in all")
     saved = 1 - best["steps_run"] / best["steps_full_grid"]
     return (f"ASHA ran {best['steps_run']} of {best['steps_full_grid']} steps a full run of every trial would "
             f"({saved:.0%} saved)")

@@ -67,3 +67,98 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
     again = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=logs.append)
     assert any("resuming search s" in line for line in logs)
     assert again["trial_id"] == best["trial_id"] and again["steps_run"] == best["steps_run"]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"space": {"model.ngf": {"choice": [16, 32]}}}, "PBT cannot change model.ngf in a running member"),
+    ({"space": {"loss.name": {"choice": ["bce", "hinge"]}}}, "PBT cannot change loss.name"),
+    ({"quantile": 0.7}, "--quantile must be in (0, 0.5]"),
+    ({"quantile": 0.0}, "--quantile must be in (0, 0.5]"),
+    ({"num_trials": 1}, "population of at least 2"),
+    ({"perturb_every": 15}, "must be a positive multiple of --eval-every (10)"),
+])
+def test_a_bad_pbt_search_is_one_line_before_any_trial(ray_cluster, tiny, tmp_path, kwargs, needle):
+    args = {"name": "p", "storage": str(tmp_path), "num_trials": 4, "max_steps": 40, "eval_every": 10,
+            "scheduler": "pbt", **kwargs}
+    with pytest.raises(ConfigError) as e:
+        tune.search(tiny(), **args)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_bad_pbt_space_from_the_command_line_is_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    space = tmp_path / "space.yaml"
+    space.write_text("model.ndf: {choice: [16, 32]}\noptim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}\n")
+    r = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "tune", "--dataset", "mnist-5k", "--scheduler", "pbt",
+                        "--search-space", str(space), "--storage", str(tmp_path / "runs")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PBT cannot change model.ndf" in lines[0]
+
+
+@pytest.mark.slow
+def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp_path):
+    import torch
+
+    from aigc_ray import checkpoint as ckpt
+
+    space = {"optim.lr_g": {"loguniform": [1e-4, 3e-3]}, "optim.lr_d": {"loguniform": [1e-4, 3e-3]}}
+    kwargs = dict(name="p", storage=str(tmp_path), num_trials=4, max_steps=40, metric="fid-domain", space=space,
+                  max_concurrent=2, eval_every=10, eval_samples=200, scheduler="pbt", perturb_every=10, quantile=0.5)
+    logs = []
+    best = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=logs.append)
+    search = tmp_path / "p"
+    lineage = pd.read_csv(search / "pbt_lineage.csv")
+    assert len(lineage) >= 1 and best["copies"] == len(lineage)
+    row = lineage.iloc[0]
+    # The copy starts from the donor's checkpoint (G, D, EMA, both Adam states, step) under a run of its own...
+    run = tmp_path / row["run"]
+    assert row["run"].startswith(f"train-{row['trial']}-s{row['step']}")
+    copied = run / Path(row["checkpoint"]).name
+    donor, start = ckpt.load(row["checkpoint"]), ckpt.load(str(copied))
+    assert start["step"] == donor["step"] == row["step"]
+    for part in ("g", "d", "g_ema"):
+        assert all(torch.equal(donor[part][k], start[part][k]) for k in donor[part])
+    assert start["opt_g"]["state"][0]["step"] == donor["opt_g"]["state"][0]["step"]
+    # ... with perturbed learning rates in its config, and trains on from the donor's step with them.
+    donor_cfg = json.loads((Path(row["checkpoint"]) / "config.json").read_text())["optim"]
+    new_cfg = json.loads((run / "config.json").read_text())["optim"]
+    assert (new_cfg["lr_g"], new_cfg["lr_d"]) != (donor_cfg["lr_g"], donor_cfg["lr_d"])
+    assert (new_cfg["lr_g"], new_cfg["lr_d"]) == (row["new optim.lr_g"], row["new optim.lr_d"])
+    latest = ckpt.load(ckpt.find(str(run)))
+    assert latest["step"] > row["step"] and latest["opt_g"]["param_groups"][0]["lr"] == new_cfg["lr_g"]
+    assert any("copied a better member" in line for line in logs)
+    assert (search / "lr_schedules.png").stat().st_size > 1000
+    saved = json.loads((search / "best.json").read_text())
+    assert saved["value"] == best["value"] and ckpt.find(saved["checkpoint"])
+
+    # An interrupted (here: finished) PBT search resumes like the others.
+    again_logs = []
+    again = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=again_logs.append)
+    assert any("resuming search p" in line for line in again_logs)
+    assert again["trial_id"] == best["trial_id"] and again["copies"] == best["copies"]
+
+
+def test_the_search_prints_a_line_per_report_while_it_runs(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "aigc_ray.cli", "tune", "--dataset", "mnist-5k", "--ngf", "8",
+                             "--ndf", "8", "--latent-dim", "16", "--batch-size", "16", "--num-trials", "2",
+                             "--max-steps", "20", "--eval-every", "10", "--eval-samples", "100", "--name", "live",
+                             "--storage", str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, running_when_seen = [], None
+    for line in proc.stdout:
+        seen.append(line)
+        if running_when_seen is None and line.startswith("[aigc_ray] trial ") and " step " in line:
+            running_when_seen = proc.poll() is None
+    assert proc.wait(timeout=600) == 0, "".join(seen[-30:])
+    assert running_when_seen, "".join(seen)  # read before the search ended
+    reports = [s for s in seen if s.startswith("[aigc_ray] trial ") and "fid_domain=" in s and "| best " in s]
+    assert len(reports) >= 2
+    assert not any("Moving model to device" in s or "Started training worker group" in s for s in seen)
