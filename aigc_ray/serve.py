@@ -61,7 +61,8 @@ class ServeArgs(BaseModel):
 class Sampler:
     """G_ema of one checkpoint, with what /info says about it."""
 
-    def __init__(self, checkpoint: str | None = None, best: str | None = None, chunk: int = 16):
+    def __init__(self, checkpoint: str | None = None, best: str | None = None, chunk: int = 16,
+                 device: str | None = None):
         from .checkpoint import load_generator, read_best
 
         self.best = None
@@ -70,19 +71,25 @@ class Sampler:
             checkpoint = self.best["checkpoint"]
         if not checkpoint:
             raise ValueError("serve: give a checkpoint or a best.json")
-        self.g, self.cfg, self.meta = load_generator(checkpoint)  # any storage location: s3://..., a folder
+        # On the GPU a replica was given (num_gpus), else the CPU; cuDNN made deterministic there, so two
+        # replicas give the same bytes for the same seed.
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        self.g, self.cfg, self.meta = load_generator(checkpoint, self.device)  # any storage: s3://..., a folder
         self.path, self.chunk = self.meta["path"], chunk
         self.version = f"step{self.meta['step']}-{self.meta['sha1'][:10]}"
 
     def noise(self, seeds: list[int], truncation: float | None) -> torch.Tensor:
-        return torch.cat([noise(1, self.cfg.model.latent_dim, seed=s, truncation=truncation) for s in seeds])
+        return torch.cat([noise(1, self.cfg.model.latent_dim, seed=s, truncation=truncation) for s in seeds]).to(
+            self.device)
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor, labels: list[int] | None = None) -> np.ndarray:
         """uint8 (N, H, W, C) from G_ema in padded chunks of a fixed size, so no image depends on its batch."""
         y = None
         if self.cfg.model.conditional:
-            y = torch.tensor(labels) if labels else torch.zeros(len(z), dtype=torch.long)
+            y = (torch.tensor(labels) if labels else torch.zeros(len(z), dtype=torch.long)).to(self.device)
         parts = []
         for i in range(0, len(z), self.chunk):
             zc, yc = z[i:i + self.chunk], None if y is None else y[i:i + self.chunk]
@@ -92,7 +99,7 @@ class Sampler:
                 yc = None if yc is None else torch.cat([yc, yc.new_zeros(pad)])
             parts.append(self.g(zc, yc)[: self.chunk - pad])
         x = torch.cat(parts)
-        return x.add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return x.add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def info(self) -> dict[str, Any]:
         out = {"checkpoint": self.path, "step": self.meta["step"], "version": self.version,
@@ -241,7 +248,8 @@ def _run_items(items: list[tuple]) -> list[np.ndarray]:
 
 
 def _encode(images: np.ndarray, fmt: str, seeds: list[int], sampler: Sampler, nrow: int | None = None) -> Response:
-    headers = {"x-model-version": sampler.version}
+    # x-replica names the replica that made the images (two replicas must give the same bytes for a seed).
+    headers = {"x-model-version": sampler.version, "x-replica": serve.get_replica_context().replica_id.unique_id}
     if fmt == "png":
         return Response(png_bytes(images[0]), media_type="image/png", headers=headers)
     if fmt == "grid":
@@ -356,7 +364,7 @@ class GeneratorService:
         sampler = await self._sampler()
         m = sampler.cfg.model
         a, b = (noise(1, m.latent_dim, seed=s)[0] for s in (req.seed_a, req.seed_b))
-        z = torch.stack([slerp(a, b, t) for t in np.linspace(0, 1, req.steps)])
+        z = torch.stack([slerp(a, b, t) for t in np.linspace(0, 1, req.steps)]).to(sampler.device)
         x = await asyncio.get_running_loop().run_in_executor(None, sampler.forward, z)
         if req.format == "gif":
             return Response(_gif(x), media_type="image/gif")

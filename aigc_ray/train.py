@@ -273,7 +273,7 @@ class Logger:
 def _progress_callback(run_dir: str, total: int, echo: bool, layout: str = ""):
     from ray.train import UserCallback
 
-    class Progress(UserCallback):
+    class Progress(QuietInController, UserCallback):
         """Runs on the Ray Train controller: one line per report, and TensorBoard events."""
 
         def __init__(self):
@@ -296,7 +296,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     cfg = validate(Config.from_dict(config["cfg"]))
     local, run_dir = config["local"], config["run_dir"]
-    _quiet_ray_train_reports()
+    quiet_ray_train_logs()
     t = cfg.train
     # [1] Where this worker stands: rank, world size, device.
     ctx = ray.train.get_context()
@@ -376,11 +376,24 @@ def worker_loop(config: dict[str, Any]) -> None:
         window, n_window, t0 = {}, 0, time.perf_counter()
 
 
-def _quiet_ray_train_reports() -> None:
-    """Ray Train logs every report of every worker at INFO; our progress line says it once, on the driver."""
+def quiet_ray_train_logs() -> None:
+    """Ray Train's INFO lines from every worker and controller (worker group started, model moved to the
+    device, every report, every checkpoint) stay out of the output: the progress lines say what matters,
+    once, on the driver. Its warnings and errors still show."""
     from ray.train.v2._internal.execution import context
 
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by file
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith("ray.train")]
+    for name in ["ray.train", context.__file__, *names]:  # that module names its logger by file
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class QuietInController:
+    """Mixed into a Ray Train callback: unpickled in the Train controller, it quiets Ray Train's INFO lines
+    there too (a UserCallback has no hook that runs before the worker group starts)."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        quiet_ray_train_logs()
 
 
 def _evaluate(state: TrainState, cfg: Config, ref: dict, rank: int, world: int, device) -> dict[str, float]:

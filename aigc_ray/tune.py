@@ -110,7 +110,9 @@ def _relay(queue):
     checkpoint, to the trial that started the run, which reports it to Tune."""
     from ray.train import UserCallback
 
-    class Relay(UserCallback):
+    from .train import QuietInController
+
+    class Relay(QuietInController, UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0])
             if checkpoint:

@@ -1,0 +1,218 @@
+"""The GPU figures of bench/gpu_check.sh: training images/s, standard FID time, Serve load on a GPU replica.
+
+    python bench/gpu_bench.py --out gpu-check/            # on a GPU machine (bench/gpu_check.sh runs it)
+    python bench/gpu_bench.py --out smoke/ --smoke        # the same steps, tiny, on the CPU
+
+1. Training images/s of the train step at 32, 64 and 128 px (batch 256): a plain loop in fp32, AMP bf16,
+   AMP fp16 (GradScaler), bf16 + channels_last, bf16 + torch.compile (64 px); then Ray Train with 1 worker
+   (and one worker per GPU when there are several) in the default setting, beside the plain loop.
+2. The standard FID (Inception) of 10,000 generated images against reference statistics computed (and
+   timed) first, all on the GPU.
+3. A Serve replica on the GPU: images/s at n=16 and n=64 under 16 concurrent clients, against the same
+   forward + PNG encoding in this process (the limit).
+Writes <out>/gpu_check.json and prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from aigc_ray import data, features, metrics, train  # noqa: E402
+from aigc_ray.config import Config, DataConfig, replace, resolve  # noqa: E402
+from aigc_ray.images import to_uint8  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain(device, size: int, amp: str, steps: int, batch: int, ds, channels_last=False, compiled=False) -> float:
+    """Images/s of the train step in a plain loop on device (after 3 warm-up steps)."""
+    cfg = resolve(replace(Config(), {"data.dataset": "mnist-5k", "data.image_size": size, "train.amp": amp,
+                                     "train.batch_size": batch}), channels=1, num_classes=10, size=len(ds),
+                  use_gpu=device.type == "cuda")
+    cfg = replace(cfg, {"train.amp": amp})
+    state = train.build_state(cfg, device)
+    if channels_last:
+        state.g.to(memory_format=torch.channels_last)
+        state.d.to(memory_format=torch.channels_last)
+    if compiled:
+        state.g, state.d = torch.compile(state.g), torch.compile(state.d)
+    batches = data.Batches(ds, batch, seed=0, device=device)
+    for _ in range(3):
+        train.train_step(state, batches, cfg)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        stats = train.train_step(state, batches, cfg)
+    _sync(device)
+    if not all(torch.isfinite(v).all() for v in stats.values()):
+        raise SystemExit(f"non-finite losses at {size}px {amp}: {stats}")
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def ray_train(size: int, steps: int, batch: int, workers: int, use_gpu: bool, root: str) -> tuple[float, str]:
+    """Median images/s of a Ray Train run (workers x GPU), from its TensorBoard events; and its checkpoint."""
+    from train_throughput import rates
+
+    cfg = replace(Config(), {"data.dataset": "mnist-5k", "data.image_size": size, "train.batch_size": batch,
+                             "train.steps": steps, "train.log_every": max(1, steps // 6),
+                             "train.ckpt_every": steps, "train.num_workers": workers, "train.use_gpu": use_gpu,
+                             "run.storage": root, "run.name": f"gpu-{size}-{workers}w"})
+    out = train.fit(cfg, quiet=True)
+    return rates(out["run_dir"])[0], out["checkpoint"]
+
+
+def fid_time(device, n: int, checkpoint: str, ref_images: int = 5000) -> dict:
+    """Seconds for the reference statistics of mnist-5k (its first ref_images) and for the FID of n generated
+    images, on device."""
+    from aigc_ray.checkpoint import load_generator
+    from aigc_ray.models import noise
+
+    inception = features.Inception(device=device, batch=250 if device.type == "cuda" else 25)
+    real = data.load(DataConfig(dataset="mnist-5k")).images[:ref_images]
+    _sync(device)
+    t0 = time.perf_counter()
+    ref = metrics.FeatureStats(2048).add(inception(real))
+    _sync(device)
+    t_ref = time.perf_counter() - t0
+    g, cfg, _ = load_generator(checkpoint, device)
+    t0 = time.perf_counter()
+    gen = torch.cat([to_uint8(g(noise(min(1000, n - i), cfg.model.latent_dim, seed=i, device=device)))
+                     for i in range(0, n, 1000)])
+    value = metrics.fid_from_stats(metrics.FeatureStats(2048).add(inception(gen)), ref)
+    _sync(device)
+    return {"reference_images": len(real), "reference_s": round(t_ref, 2), "samples": n,
+            "fid_s": round(time.perf_counter() - t0, 2), "fid": round(value, 2)}
+
+
+def serve_load(checkpoint: str, use_gpu: bool, seconds: float, clients: int = 16) -> dict:
+    """images/s of one Serve replica (on the GPU) at n=16 and n=64, and the in-process limit."""
+    import httpx
+    from ray import serve
+
+    from aigc_ray.images import grid, png_bytes
+    from aigc_ray.serve import Sampler, ServeArgs, build_app
+
+    out = {}
+    sampler = Sampler(checkpoint)
+    for n in (16, 64):
+        t0, done = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 2:
+            x = sampler.forward(sampler.noise(list(range(done, done + n)), None))
+            png_bytes(grid(torch.from_numpy(x).permute(0, 3, 1, 2)))
+            done += n
+        out[f"limit_n{n}"] = done / (time.perf_counter() - t0)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app(ServeArgs(checkpoint=checkpoint, max_n=64), num_cpus=1, num_gpus=1 if use_gpu else 0),
+              name="gpu", route_prefix="/")
+    try:
+        for n in (16, 64):
+            images, stop = [0], time.perf_counter() + seconds
+
+            def client(seed: int):
+                with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as c:
+                    while time.perf_counter() < stop:
+                        if c.post("/generate", json={"n": n, "seed": seed, "format": "grid"}).status_code == 200:
+                            images[0] += n
+                        seed += n
+
+            threads = [threading.Thread(target=client, args=(i * 10**6,)) for i in range(clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[f"serve_n{n}"] = images[0] / (time.perf_counter() - t0)
+            out[f"ratio_n{n}"] = out[f"serve_n{n}"] / out[f"limit_n{n}"]
+    finally:
+        serve.delete("gpu")
+        serve.shutdown()
+    return {k: round(v, 3 if k.startswith("ratio") else 1) for k, v in out.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for gpu_check.json")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check the script works")
+    args = p.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if gpu else "cpu")
+    sizes, steps, batch = ([32, 64, 128], 30, 256) if gpu else ([32], 2, 8)
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "torch": torch.__version__,
+                    "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if gpu else "cpu (smoke)",
+                    "gpus": torch.cuda.device_count() if gpu else 0, "training": [], "smoke": not gpu}
+    print(f"[gpu_check] torch {torch.__version__}, CUDA {torch.version.cuda}, {report['device']} x{report['gpus']}",
+          flush=True)
+    for size in sizes:
+        dsz = data.load(DataConfig(dataset="mnist-5k", image_size=size))
+        row = {"size": size}
+        for name, amp, kw in (("fp32", "none", {}), ("bf16", "bf16", {}), ("fp16", "fp16", {}),
+                              ("bf16+channels_last", "bf16", {"channels_last": True})):
+            row[name] = round(plain(device, size, amp, steps, batch, dsz, **kw), 1)
+        if gpu and size == 64:
+            try:
+                row["bf16+compile"] = round(plain(device, size, "bf16", steps, batch, dsz, compiled=True), 1)
+            except Exception as e:  # compile is an option, not a requirement: say why it is missing
+                row["bf16+compile"] = f"failed: {type(e).__name__}"
+        report["training"].append(row)
+        print(f"[gpu_check] {json.dumps(row)}", flush=True)
+
+    import ray
+
+    ray.init(logging_level="WARNING", num_gpus=torch.cuda.device_count() if gpu else 0)
+    root = tempfile.mkdtemp(prefix="gpu_check_")
+    size = 64 if gpu else 32
+    ray_steps = 120 if gpu else 4
+    rate, checkpoint = ray_train(size, ray_steps, batch, 1, gpu, root)
+    plain_rate = plain(device, size, "bf16" if gpu else "none", steps, batch,
+                       data.load(DataConfig(dataset="mnist-5k", image_size=size)))
+    report["ray_train"] = {"size": size, "workers": 1, "images_per_s": round(rate, 1),
+                           "plain_images_per_s": round(plain_rate, 1), "ratio": round(rate / plain_rate, 3)}
+    if gpu and torch.cuda.device_count() > 1:
+        n = torch.cuda.device_count()
+        report["ray_train"][f"{n}_workers_images_per_s"] = round(ray_train(size, ray_steps, batch, n, True, root)[0], 1)
+    print(f"[gpu_check] ray_train {json.dumps(report['ray_train'])}", flush=True)
+    report["fid"] = fid_time(device, 10000 if gpu else 50, checkpoint, 5000 if gpu else 50)
+    print(f"[gpu_check] fid {json.dumps(report['fid'])}", flush=True)
+    report["serve"] = serve_load(checkpoint, gpu, 10 if gpu else 2, clients=16 if gpu else 2)
+    print(f"[gpu_check] serve {json.dumps(report['serve'])}", flush=True)
+    ray.shutdown()
+
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"\n| check ({report['device']}) | figure |\n|---|---|")
+    for row in report["training"]:
+        print(f"| train step {row['size']} px, images/s | " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "size")
+              + " |")
+    rt = report["ray_train"]
+    print(f"| Ray Train 1 worker vs plain loop ({rt['size']} px) | {rt['images_per_s']} vs {rt['plain_images_per_s']} "
+          f"images/s ({rt['ratio']}) |")
+    f = report["fid"]
+    print(f"| standard FID of {f['samples']} samples | {f['fid_s']} s (reference of {f['reference_images']} images: "
+          f"{f['reference_s']} s) |")
+    s = report["serve"]
+    print(f"| Serve replica n=16 / n=64, images/s | {s['serve_n16']} / {s['serve_n64']} (limit {s['limit_n16']} / "
+          f"{s['limit_n64']}; {s['ratio_n16']} / {s['ratio_n64']}) |")
+    print(f"\nwritten: {out_dir / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    main()
