@@ -344,36 +344,41 @@ def _scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: in
                                    custom_explore_fn=within_bounds, synch=False)
 
 
-class Progress:
-    """The driver's live view of a search: one line per trial report, the best so far, PBT's copies, errors.
-    (A ray.tune.Callback; built lazily so importing this module does not import Ray.)"""
+def Progress(metric_key: str, log=print):
+    """The driver's live view of a search (a ray.tune.Callback): one line per trial report with the best so
+    far, PBT's copies, failed trials. Tune pickles its callbacks with the search's state, so the class holds
+    no closure and drops `log` when pickled (a restored search prints)."""
+    from ray import tune
 
-    def __new__(cls, metric_key: str, log=print):
-        from ray import tune
+    class _Progress(tune.Callback):
+        def __init__(self, metric_key: str, log):
+            self.metric_key, self._log, self.best, self.runs = metric_key, log, None, {}
 
-        class _Progress(tune.Callback):
-            def __init__(self):
-                self.best, self.runs = None, {}
+        def __getstate__(self):
+            return {**self.__dict__, "_log": None}
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                tid, step, value = trial.trial_id, result.get("step"), result.get(metric_key)
-                run = result.get("run")
-                if run and self.runs.get(tid) not in (None, run) and run != f"train-{tid}":
-                    log(f"[aigc_ray] trial {tid} copied a better member at step {step}: lr_g={result.get('lr_g'):.3g} "
-                        f"lr_d={result.get('lr_d'):.3g} (run {run})")
-                self.runs[tid] = run
-                if value is None:
-                    return
-                if self.best is None or value < self.best[0]:
-                    self.best = (value, tid, step)
-                log(f"[aigc_ray] trial {tid} step {step} {metric_key}={value:.2f} "
-                    f"{result.get('images_per_s', 0):.0f} img/s | best {self.best[0]:.2f} "
-                    f"(trial {self.best[1]}, step {self.best[2]})")
+        def _say(self, line: str) -> None:
+            (self._log or print)(line)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                log(f"[aigc_ray] trial {trial.trial_id} failed; its error is under {trial.path}")
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            tid, step, value = trial.trial_id, result.get("step"), result.get(self.metric_key)
+            run = result.get("run")
+            if run and self.runs.get(tid) not in (None, run) and run != f"train-{tid}":
+                self._say(f"[aigc_ray] trial {tid} copied a better member at step {step}: "
+                          f"lr_g={result.get('lr_g'):.3g} lr_d={result.get('lr_d'):.3g} (run {run})")
+            self.runs[tid] = run
+            if value is None:
+                return
+            if self.best is None or value < self.best[0]:
+                self.best = (value, tid, step)
+            self._say(f"[aigc_ray] trial {tid} step {step} {self.metric_key}={value:.2f} "
+                      f"{result.get('images_per_s', 0):.0f} img/s | best {self.best[0]:.2f} "
+                      f"(trial {self.best[1]}, step {self.best[2]})")
 
-        return _Progress()
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._say(f"[aigc_ray] trial {trial.trial_id} failed; its error is under {trial.path}")
+
+    return _Progress(metric_key, log)
 
 
 def _report(grid, search_dir: str, metric_key: str, max_steps: int, log, scheduler: str = "asha") -> dict[str, Any]:
