@@ -43,6 +43,10 @@ def encode(*, state: dict[str, Any], cfg: Config, grid_png: bytes | None, metric
         files[GRID_FILE] = grid_png
     meta = {"step": int(state["step"]), "metrics": metrics, "files": {n: len(b) for n, b in files.items()},
             "format": FORMAT_VERSION}
+    if state.get("privacy"):  # a DP run's checkpoint says what it guarantees
+        from .privacy import guarantee
+
+        meta["privacy"] = guarantee(state["privacy"])
     files[META_FILE] = json.dumps(meta, indent=2).encode()
     return files
 

@@ -245,20 +245,46 @@ def cmd_pipeline(args) -> dict:
     return out
 
 
-def cmd_eval(args) -> dict:
-    from . import metrics
+def _checkpoint_to_score(args, command: str) -> str:
+    """--checkpoint, or --best's checkpoint; a local Ray cluster (or --address) when Ray tasks share the work."""
     from .checkpoint import read_best
 
     if not (args.checkpoint or args.best):
-        raise ConfigError("eval: give --checkpoint PATH or --best best.json")
+        raise ConfigError(f"{command}: give --checkpoint PATH or --best best.json")
     checkpoint = read_best(args.best)["checkpoint"] if args.best else args.checkpoint
     if args.num_workers:
         init_ray(args.address)
+    return checkpoint
+
+
+def cmd_eval(args) -> dict:
+    from . import metrics
+
+    checkpoint = _checkpoint_to_score(args, "eval")
     r = metrics.evaluate(checkpoint, args.metric, _positive(args.num_samples, "--num-samples"),
                          split=args.split, num_workers=args.num_workers, seed=args.seed)
-    if not args.json:
+    if not args.json and args.metric == "precision-recall":
+        dom = (f"; domain features: precision {r['precision_domain']:.3f}, recall {r['recall_domain']:.3f}"
+               if "precision_domain" in r else "")
+        print(f"precision {r['precision']:.3f}, recall {r['recall']:.3f} (Inception, k=3){dom} "
+              f"({r['num_samples']} samples, step {r['step']}, {r['seconds']} s)")
+    elif not args.json:
         std = f" +- {r['std']:.4g}" if "std" in r else ""
         print(f"{args.metric} = {r['value']:.4f}{std} ({r['num_samples']} samples, step {r['step']}, {r['seconds']} s)")
+    return r
+
+
+def cmd_audit(args) -> dict:
+    from . import audit
+
+    checkpoint = _checkpoint_to_score(args, "audit")
+    r = audit.run(checkpoint, num_samples=_positive(args.num_samples, "--num-samples"), heldout=args.heldout,
+                  features=args.features, dataset=args.dataset, seed=args.seed, out=args.out,
+                  num_workers=args.num_workers)
+    if not args.json:
+        print(f"copy rate {r['copy_rate']:.3f} ({r['num_samples']} samples nearer a training image than "
+              f"{r['percentile']:g}% of {r['heldout_images']} held-out images), MiFID {r['mifid']:.2f}, "
+              f"{r['features']} features; pairs: {r['pairs_png']}")
     return r
 
 
@@ -407,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="FID / fid-domain / KID / IS of a checkpoint's G_ema")
     e.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
     e.add_argument("--best", help="best.json of a search (a path or URI): evaluate its checkpoint")
-    e.add_argument("--metric", default="fid", choices=["fid", "fid-domain", "kid", "is"],
-                   help="fid: standard Inception FID; fid-domain: FID in the domain classifier's features [fid]")
+    e.add_argument("--metric", default="fid", choices=["fid", "fid-domain", "kid", "is", "precision-recall"],
+                   help="fid: standard Inception FID; fid-domain: FID in the domain classifier's features; "
+                   "precision-recall: k-NN precision and recall (k=3) in both [fid]")
     e.add_argument("--num-samples", type=int, default=10000, help="generated images [10000]")
     e.add_argument("--split", default="test", choices=["train", "test"], help="reference split [test]")
     e.add_argument("--num-workers", type=int, default=0, help="Ray tasks sharing the work [0: this process]")
@@ -416,6 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     e.add_argument("--json", action="store_true", help="end with one JSON line of results")
     e.set_defaults(fn=cmd_eval)
+
+    a = sub.add_parser("audit", help="memorization audit: copy rate, MiFID and the closest sample/training pairs")
+    a.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
+    a.add_argument("--best", help="best.json of a search (a path or URI): audit its checkpoint")
+    a.add_argument("--dataset", default=None, help="training images to compare with [the run's own]")
+    a.add_argument("--num-samples", type=int, default=1000, help="generated images [1000]")
+    a.add_argument("--heldout", type=int, default=1000, help="held-out real images that calibrate 'close' [1000]")
+    a.add_argument("--features", default="auto", choices=["auto", "inception", "domain"],
+                   help="auto: the domain classifier where the dataset has labels, else Inception [auto]")
+    a.add_argument("--out", default=None, help="folder for audit.json and audit_pairs.png [<run>/audit/stepN]")
+    a.add_argument("--num-workers", type=int, default=0, help="Ray tasks sharing the features [0: this process]")
+    a.add_argument("--seed", type=int, default=0, help="noise seed of the samples [0]")
+    a.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    a.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    a.set_defaults(fn=cmd_audit)
 
     r = sub.add_parser("fid-ref", help="compute (and cache) reference statistics of a dataset split")
     r.add_argument("--dataset", default="fashion-mnist")

@@ -119,6 +119,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    noise_multiplier: float | None = opt(None, "DP-SGD on D (Opacus): Gaussian noise std / max_grad_norm (sigma); "
+                                               "unset: no DP, unless privacy.epsilon", flag="--dp-noise-multiplier")
+    max_grad_norm: float = opt(1.0, "DP-SGD: each training image's gradient of D is clipped to this L2 norm (C)",
+                               flag="--dp-max-grad-norm")
+    epsilon: float | None = opt(None, "DP: the epsilon to spend; alone, sigma is solved so train.steps spend it; "
+                                      "with a noise multiplier, training stops before it is passed",
+                                flag="--dp-epsilon")
+    delta: float = opt(1e-5, "DP: the delta of (epsilon, delta); must be < 1 / training images", flag="--dp-delta")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = opt("", "run name; running the same name again resumes it; '': dataset-loss-time")
     storage: str = opt(os.environ.get("AIGC_RAY_STORAGE") or "~/aigc_ray/runs",
@@ -135,6 +147,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -187,6 +200,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         if "None" in kind:
             return None
         raise ConfigError(f"{key}: must not be empty")
+    kind = kind.replace(" | None", "")
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value
@@ -305,6 +319,9 @@ def validate(cfg: Config) -> Config:
     _check(re.fullmatch(r"[A-Za-z0-9_.\-]*", cfg.run.name) is not None, "run.name",
            "may hold letters, digits, '.', '_' and '-' only", cfg.run.name)
     _check(bool(cfg.run.storage), "run.storage", "must not be empty", cfg.run.storage)
+    from .privacy import check
+
+    check(cfg, 0)
     return cfg
 
 
@@ -326,7 +343,11 @@ def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = Fal
     """Make every 'auto' value concrete, given what the dataset (size: training images) and cluster are."""
     import time
 
+    from . import privacy
+
     cfg = with_cache(cfg)
+    if size:  # DP first: it picks D's normalisation, and sigma or the last step from epsilon
+        cfg = replace(cfg, privacy.resolved(cfg, size))
     lo, m, t, d = cfg.loss, cfg.model, cfg.train, cfg.data
     if m.conditional and num_classes <= 0:
         raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")

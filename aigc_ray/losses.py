@@ -52,11 +52,35 @@ def _stats(s_real: torch.Tensor, s_fake: torch.Tensor, threshold: float = 0.0) -
     return {"d_real": s_real.mean(), "d_fake": s_fake.mean(), "r_t": (s_real - threshold).sign().mean()}
 
 
+# D's losses are means of per-image terms on real and fake scores; DP sums the same terms (per_example_d).
+D_TERMS: dict[str, tuple[Callable, Callable, float]] = {  # (real term, fake term, r_t threshold)
+    "bce": (lambda s: F.softplus(-s), lambda s: F.softplus(s), 0.0),
+    "hinge": (lambda s: F.relu(1 - s), lambda s: F.relu(1 + s), 0.0),
+    "lsgan": (lambda s: 0.5 * (s - 1).pow(2), lambda s: 0.5 * s.pow(2), 0.5),
+}
+
+
+def _from_terms(name: str, D, real, fake, y) -> tuple[torch.Tensor, Stats]:
+    on_real, on_fake, threshold = D_TERMS[name]
+    s_real, s_fake = _scores(D, real, fake, y)
+    return on_real(s_real).mean() + on_fake(s_fake).mean(), _stats(s_real, s_fake, threshold)
+
+
+def per_example_d(D, real, fake, y_real, y_fake, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
+    """DP-SGD's D loss: one call of D on real + fake, the SUM of per-image terms (Opacus clips each image's
+    gradient, then averages by the expected batch). real may be empty (a Poisson batch)."""
+    on_real, on_fake, threshold = D_TERMS[cfg.name]
+    n = real.shape[0]
+    y = None if y_real is None else torch.cat([y_real, y_fake])
+    s = D(torch.cat([real, fake]), y).float()
+    s_real, s_fake = s[:n], s[n:]
+    stats = _stats(s_real, s_fake, threshold) if n else _stats(s_fake.new_zeros(1), s_fake, threshold)
+    return on_real(s_real).sum() + on_fake(s_fake).sum(), stats
+
+
 # Non-saturating DCGAN loss: D maximises log D(x) + log(1 - D(G(z))); G maximises log D(G(z)).
 def bce_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
-    s_real, s_fake = _scores(D, real, fake, y)
-    loss = F.softplus(-s_real).mean() + F.softplus(s_fake).mean()
-    return loss, _stats(s_real, s_fake)
+    return _from_terms("bce", D, real, fake, y)
 
 
 def bce_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
@@ -78,16 +102,12 @@ def wgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
 
 # Hinge loss (Lim & Ye 2017; SAGAN, BigGAN).
 def hinge_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
-    s_real, s_fake = _scores(D, real, fake, y)
-    loss = F.relu(1 - s_real).mean() + F.relu(1 + s_fake).mean()
-    return loss, _stats(s_real, s_fake)
+    return _from_terms("hinge", D, real, fake, y)
 
 
 # Least squares (Mao et al. 2017): targets 1 for real, 0 for fake.
 def lsgan_d(D, real, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:
-    s_real, s_fake = _scores(D, real, fake, y)
-    loss = 0.5 * (s_real - 1).pow(2).mean() + 0.5 * s_fake.pow(2).mean()
-    return loss, _stats(s_real, s_fake, threshold=0.5)
+    return _from_terms("lsgan", D, real, fake, y)
 
 
 def lsgan_g(D, fake, y, cfg: LossConfig) -> tuple[torch.Tensor, Stats]:

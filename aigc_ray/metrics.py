@@ -28,7 +28,7 @@ from . import storage
 from .config import Config, ConfigError, DataConfig
 from .features import cache_uri, extractor
 
-METRIC_KEYS = {"fid": "fid", "fid-domain": "fid_domain", "kid": "kid", "is": "is"}
+METRIC_KEYS = {"fid": "fid", "fid-domain": "fid_domain", "kid": "kid", "is": "is", "precision-recall": "precision"}
 
 
 class FeatureStats:
@@ -100,6 +100,26 @@ def kid(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int = 100, subset_s
                                  f_fake[torch.randperm(len(f_fake), generator=g)[:m]].double())
                         for _ in range(subsets)])
     return float(vals.mean()), float(vals.std()) if subsets > 1 else 0.0
+
+
+def knn_radii(feats: torch.Tensor, k: int = 3, batch: int = 1000) -> torch.Tensor:
+    """Each feature's distance to its k-th nearest neighbour in the same set (itself excluded)."""
+    f = feats.float()
+    return torch.cat([torch.cdist(f[i:i + batch], f).kthvalue(k + 1, dim=1).values for i in range(0, len(f), batch)])
+
+
+def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """For each query feature: is it inside some ref feature's k-NN ball (the estimated manifold)?"""
+    q, r = query.float(), ref.float()
+    return torch.cat([(torch.cdist(q[i:i + batch], r) <= radii[None]).any(1) for i in range(0, len(q), batch)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the share of fakes inside the
+    real manifold (union of k-NN balls of the reals), recall the share of reals inside the fake manifold."""
+    precision = _covered(fake, real, knn_radii(real, k)).float().mean()
+    recall = _covered(real, fake, knn_radii(fake, k)).float().mean()
+    return float(precision), float(recall)
 
 
 def inception_score(probs: torch.Tensor, splits: int = 10) -> tuple[float, float]:
@@ -237,7 +257,18 @@ def evaluate(checkpoint: str, metric: str, num_samples: int, split: str = "test"
     source = {"checkpoint": path, "n": num_samples, "seed": seed}
     out = {"metric": metric, "num_samples": num_samples, "checkpoint": path, "step": meta["step"],
            "dataset": cfg.data.dataset}
-    if metric == "is":
+    if metric == "precision-recall":  # both feature spaces where the dataset has a domain classifier
+        for feat_metric, suffix in (("fid", ""), ("fid-domain", "_domain")):
+            if feat_metric == "fid-domain" and not _has_labels(cfg.data):
+                continue
+            ref = reference(cfg.data, split, feat_metric, num_workers, max_images=ref_images)
+            fake = compute(source, feat_metric, cfg.data, "features", num_workers)
+            real = ref["features"][:max(len(fake), 2)] if not ref_images else ref["features"]
+            p, r = precision_recall(real, fake, k=3)
+            out.update({f"precision{suffix}": p, f"recall{suffix}": r})
+            out[f"reference{suffix}"] = ref["path"]
+        out.update(value=out["precision"], k=3)
+    elif metric == "is":
         dom = extractor(metric, cfg.data)
         score, std = inception_score(compute(source, metric, cfg.data, "probs", num_workers))
         out.update(value=score, std=std, reference=f"{dom.id} ({dom.accuracy:.1%} test accuracy)")
@@ -253,6 +284,12 @@ def evaluate(checkpoint: str, metric: str, num_samples: int, split: str = "test"
     out[METRIC_KEYS[metric]] = out["value"]
     out["seconds"] = round(time.time() - t0, 2)
     return out
+
+
+def _has_labels(d: DataConfig) -> bool:
+    from . import data
+
+    return not d.dataset.startswith("folder:") and data.info(d)[1] > 0
 
 
 def training_reference(cfg: Config, log=print) -> dict:

@@ -59,11 +59,11 @@ class Discriminator(nn.Module):
         super().__init__()
         n = _ups(image_size)
         sn = spectral_norm if spectral else (lambda m: m)
-        layers = [sn(nn.Conv2d(channels, ndf, 4, 2, 1)), nn.LeakyReLU(0.2, True)]  # ndf x S/2 x S/2
+        layers = [sn(nn.Conv2d(channels, ndf, 4, 2, 1)), nn.LeakyReLU(0.2)]  # ndf x S/2 x S/2
         c = ndf
         for _ in range(n - 1):  # c x s x s -> 2c x s/2 x s/2
             layers += [sn(nn.Conv2d(c, 2 * c, 4, 2, 1, bias=norm == "none")), _norm(norm, 2 * c),
-                       nn.LeakyReLU(0.2, True)]
+                       nn.LeakyReLU(0.2)]
             c *= 2
         self.net = nn.Sequential(*layers)  # -> (ndf * 2^(n-1)) x 4 x 4
         self.head = sn(nn.Linear(c * 16, 1))

@@ -31,8 +31,9 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     import ray
     from ray import serve
 
-    from . import metrics, report, train, tune
+    from . import audit, metrics, report, train, tune
     from . import storage as storage_mod
+    from .checkpoint import read_meta
     from .serve import ServeArgs, build_app, token_sha256
 
     # Check everything before the first trial.
@@ -78,9 +79,22 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     log(f"[aigc_ray] 3/5 standard FID: {fid_samples} samples vs {ref_images} test images")
     fid = metrics.evaluate(final["checkpoint"], "fid", fid_samples, ref_images=ref_images)
     stages["fid"] = time.time() - t2
+
+    # [3b] Does the winner copy its training images? (skipped, and said, where nothing was held out)
+    t2 = time.time()
+    try:
+        found = audit.run(final["checkpoint"], num_samples=fid_samples, heldout=min(1000, ref_images or 1000))
+        log(f"[aigc_ray] audit: copy rate {found['copy_rate']:.3f}, MiFID {found['mifid']:.2f} "
+            f"({found['features']} features; {found['pairs_png']})")
+        audited = audit.summary(found)
+    except ConfigError as e:
+        log(f"[aigc_ray] audit skipped: {e}")
+        audited = {"skipped": str(e)}
+    stages["audit"] = time.time() - t2
     served = {"checkpoint": final["checkpoint"], "metric": "fid", "value": fid["value"], "step": final["step"],
               "trial_id": best["trial_id"], "search": best["search"], "num_samples": fid_samples,
-              "reference_images": fid.get("reference_images"), "config": json.loads(
+              "reference_images": fid.get("reference_images"), "audit": audited,
+              "privacy": read_meta(final["checkpoint"]).get("privacy"), "config": json.loads(
                   storage_mod.read_text(storage_mod.join(final["checkpoint"], "config.json")))}
     best_json = storage_mod.write_text(storage_mod.join(root, "best.json"), json.dumps(served, indent=2))
 
@@ -100,8 +114,9 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     # [5] The report, with an image fetched from the live endpoint.
     log("[aigc_ray] 5/5 report")
     stages["total"] = time.time() - t0
-    path = report.write(root, search=best, final=final, fid=fid, url=url, stages=stages, api_key=api_key)
+    path = report.write(root, search=best, final=final, fid=fid, url=url, stages=stages, api_key=api_key,
+                        audit=audited, privacy=served["privacy"])
     return {"url": url, "playground": url + "/", "report": str(path), "fid": fid["value"],
             "fid_samples": fid_samples, "best_json": best_json, "checkpoint": final["checkpoint"],
-            "step": final["step"], "search_best": best["value"], "search_metric": best["metric"],
+            "step": final["step"], "copy_rate": audited.get("copy_rate"), "search_best": best["value"], "search_metric": best["metric"],
             "seconds": round(stages["total"], 1)}

@@ -59,11 +59,12 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float],
-          api_key: str | None = None) -> str:
+          api_key: str | None = None, audit: dict | None = None, privacy: dict | None = None) -> str:
     """Write <root>/report/ (root: any storage location); returns the URI of report.html."""
     out = Path(tempfile.mkdtemp(prefix="aigc_report_"))
     try:
-        _write(out, search=search, final=final, fid=fid, url=url, stages=stages, api_key=api_key)
+        _write(out, search=search, final=final, fid=fid, url=url, stages=stages, api_key=api_key, audit=audit or {},
+               privacy=privacy)
         dest = storage.join(root, "report")
         storage.publish_dir(out, dest, last="report.html")
         return storage.join(dest, "report.html")
@@ -72,7 +73,7 @@ def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: 
 
 
 def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float],
-           api_key: str | None) -> None:
+           api_key: str | None, audit: dict, privacy: dict | None) -> None:
     pics: list[tuple[str, str]] = []
     search_png = storage.join(search["search"], "fid_vs_step.png")
     if storage.exists(search_png):
@@ -91,7 +92,20 @@ def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
     except OSError as e:
         pics.append(("", f"the endpoint did not answer: {e}"))
 
+    if audit.get("pairs_png") and storage.exists(audit["pairs_png"]):
+        (out / "audit_pairs.png").write_bytes(storage.read_bytes(audit["pairs_png"]))
+        pics.append(("audit_pairs.png", "memorization audit: the closest samples, each beside its nearest "
+                                        "training image"))
     md_table, html_table = _table(search.get("table", []))
+    if "copy_rate" in audit:
+        copying = (f"copy rate {audit['copy_rate']:.3f} of {audit['num_samples']} samples (nearer a training image "
+                   f"than 1% of held-out images are; ~0.01 means no copying), MiFID {audit['mifid']:.2f}, "
+                   f"{audit['features']} features")
+    else:
+        copying = audit.get("skipped", "not run")
+    private = (f"epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g} (DP-SGD on D, sigma "
+               f"{privacy['noise_multiplier']:.3f}, C {privacy['max_grad_norm']:g})" if privacy
+               else "not trained with differential privacy")
     facts = [
         ("served model", f"{final['checkpoint']} (step {final['step']})"),
         ("standard FID (Inception)", f"{fid['value']:.2f} ({fid['num_samples']} samples vs "
@@ -99,6 +113,8 @@ def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
         (f"search best {search['metric']}", f"{search['value']:.3f} (trial {search['trial_id']}, step {search['step']})"),
         ("search compute", f"{search['steps_run']} of {search['steps_full_grid']} trial-steps "
                            f"({1 - search['steps_run'] / search['steps_full_grid']:.0%} saved by ASHA)"),
+        ("memorization audit", copying),
+        ("privacy", private),
         ("playground", f"{url}/"),
         ("time", ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())),
     ]

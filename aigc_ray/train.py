@@ -29,11 +29,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import storage
+from . import privacy, storage
 from .config import Config, ConfigError, RunError, replace, resolve, validate
 from .images import grid, png_bytes, to_uint8
 from .augment import Augment
-from .losses import LOSSES, r1_penalty
+from .losses import LOSSES, per_example_d, r1_penalty
 from .models import build, generate, noise
 
 GRID_SIZE = 64
@@ -62,15 +62,20 @@ class TrainState:
     step: int = 0  # G updates done
     d_steps: int = 0  # D updates done (R1 runs on every R1_EVERY-th)
     r_t: list = field(default_factory=list)  # ADA's E[sign(D(real))] of the steps since p last moved
+    private: privacy.Private | None = None  # with DP: the accountant (D is then Opacus-wrapped, not DDP)
 
 
 def unwrap(m: nn.Module) -> nn.Module:
-    return getattr(m, "module", m)
+    """The plain network inside a DDP (.module) or Opacus (._module) wrapper."""
+    m = getattr(m, "module", m)
+    return getattr(m, "_module", m)
 
 
 def build_state(cfg: Config, device: torch.device | str = "cpu",
-                wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> TrainState:
-    """Fresh networks, optimisers and EMA for a resolved config; `wrap` adds DDP."""
+                wrap: Callable[[nn.Module], nn.Module] = lambda m: m, size: int = 0) -> TrainState:
+    """Fresh networks, optimisers and EMA for a resolved config; `wrap` adds DDP. With DP (size: the
+    training images, for the sampling rate), D gets per-example gradients and a clipping, noising
+    optimiser instead of DDP."""
     torch.manual_seed(cfg.train.seed)
     g, d = build(cfg)
     g, d = g.to(device), d.to(device)
@@ -83,8 +88,15 @@ def build_state(cfg: Config, device: torch.device | str = "cpu",
     a = cfg.augment
     aug = Augment("none" if a.policy == "auto" else a.policy, a.p, adaptive=a.adaptive, target=a.target,
                   speed=a.speed)
-    return TrainState(wrap(g), wrap(d), g_ema, opt_g, opt_d,
-                      torch.amp.GradScaler(dev, enabled=fp16), torch.amp.GradScaler(dev, enabled=fp16), aug)
+    private = None
+    if privacy.enabled(cfg):
+        if not size:
+            raise ConfigError("privacy: a DP run needs the number of training images (build_state(size=...))")
+        d, opt_d, private = privacy.make_private(d, opt_d, cfg, size)
+    else:
+        d = wrap(d)
+    return TrainState(wrap(g), d, g_ema, opt_g, opt_d, torch.amp.GradScaler(dev, enabled=fp16),
+                      torch.amp.GradScaler(dev, enabled=fp16), aug, private=private)
 
 
 def _autocast(cfg: Config, device_type: str):
@@ -108,9 +120,11 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
 
     D sees real and fake images through the same augmentation (state.aug), G is trained through it;
     R1 (loss.r1_weight) is added every R1_EVERY-th D update, scaled up by as much (lazy regularisation).
+    With DP, D is called once on real + fake and its loss is a sum of per-example terms, so Opacus can clip
+    each image's gradient; the fakes then get labels of their own (never the real images').
     """
     d_loss_fn, g_loss_fn = LOSSES[cfg.loss.name]
-    g, d, m, aug = state.g, state.d, cfg.model, state.aug
+    g, d, m, aug, private = state.g, state.d, cfg.model, state.aug, state.private
     amp = _autocast(cfg, next(unwrap(g).parameters()).device.type)
     stats: dict[str, torch.Tensor] = {}
 
@@ -118,14 +132,19 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
     for i in range(cfg.loss.n_critic):
         real, y = next_batch()
         device = real.device
-        z = torch.randn(real.shape[0], m.latent_dim, device=device)
+        n_fake = cfg.train.batch_size if private else real.shape[0]  # DP: a Poisson batch has any size
+        z = torch.randn(n_fake, m.latent_dim, device=device)
         y = y if m.conditional else None
+        y_fake = torch.randint(m.num_classes, (n_fake,), device=device) if private and m.conditional else y
         last = i == cfg.loss.n_critic - 1
         with amp, torch.set_grad_enabled(last):  # the last fakes keep their graph for G's update
-            fake = g(z, y)
+            fake = g(z, y_fake)
         real = aug(real)
         with amp:
-            loss_d, d_stats = d_loss_fn(d, real, aug(fake.detach()), y, cfg.loss)
+            if private:
+                loss_d, d_stats = per_example_d(d, real, aug(fake.detach()), y, y_fake, cfg.loss)
+            else:
+                loss_d, d_stats = d_loss_fn(d, real, aug(fake.detach()), y, cfg.loss)
         state.d_steps += 1
         if cfg.loss.r1_weight and state.d_steps % R1_EVERY == 0:
             r1 = r1_penalty(d, real, y)
@@ -135,17 +154,24 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
         state.scaler_d.scale(loss_d).backward()
         state.scaler_d.step(state.opt_d)
         state.scaler_d.update()
+        if private:
+            private.step()
+            loss_d = loss_d / (real.shape[0] + n_fake)  # logged as a mean, like the other losses
 
     # Update G: minimise its loss through D. D is called unwrapped and frozen, so no D gradients
     # are computed or all-reduced; G's DDP wrapper still averages G's gradients across workers.
     d_plain = unwrap(d).requires_grad_(False)
+    if private:
+        d.disable_hooks()  # no per-example gradients of D in G's forward and backward
     try:
         with amp:
-            loss_g, g_stats = g_loss_fn(d_plain, aug(fake), y, cfg.loss)
+            loss_g, g_stats = g_loss_fn(d_plain, aug(fake), y_fake, cfg.loss)
+        state.opt_g.zero_grad(set_to_none=True)
+        state.scaler_g.scale(loss_g).backward()
     finally:
         d_plain.requires_grad_(True)
-    state.opt_g.zero_grad(set_to_none=True)
-    state.scaler_g.scale(loss_g).backward()
+        if private:
+            d.enable_hooks()
     state.scaler_g.step(state.opt_g)
     state.scaler_g.update()
 
@@ -157,6 +183,8 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
     stats.update(d_stats, **g_stats, loss_d=loss_d.detach().float(), loss_g=loss_g.detach().float())
     if aug.on:
         stats["aug_p"] = torch.tensor(aug.p)
+    if private:
+        stats["real_batch"] = torch.tensor(float(real.shape[0]))
     return stats
 
 
@@ -186,6 +214,7 @@ def state_dict(state: TrainState) -> dict[str, Any]:
         "scaler_g": state.scaler_g.state_dict(), "scaler_d": state.scaler_d.state_dict(),
         "step": state.step, "rng": rng, "d_steps": state.d_steps, "aug_p": state.aug.p,
         "r_t": [float(r) for r in state.r_t],
+        "privacy": state.private.state_dict() if state.private is not None else None,
     }
 
 
@@ -208,6 +237,8 @@ def load_state_dict(state: TrainState, sd: dict[str, Any], restore_rng: bool = T
     state.d_steps = int(sd.get("d_steps", state.step))
     state.aug.p = float(sd.get("aug_p", state.aug.p))
     state.r_t = [torch.tensor(r) for r in sd.get("r_t", [])]
+    if state.private is not None and sd.get("privacy"):
+        state.private.load_state_dict(sd["privacy"])  # epsilon goes on from where it stood
     if restore_rng:
         torch.set_rng_state(sd["rng"]["cpu"])
         if "cuda" in sd["rng"] and torch.cuda.is_available():
@@ -237,6 +268,7 @@ def progress_line(m: dict[str, Any], total: int, layout: str = "") -> str:
     extra = f" W={m['wasserstein']:.3f}" if "wasserstein" in m else ""
     evals = "".join(f" {k}={m[k]:.2f}" for k in ("fid", "fid_domain") if k in m)
     extra += f" aug p={m['aug_p']:.2f}" if "aug_p" in m else ""
+    extra += f" eps={m['epsilon']:.2f} (delta {m['delta']:g})" if "epsilon" in m else ""
     return (f"[aigc_ray] step {m['step']}/{total} ({100 * m['step'] / total:.0f}%) "
             f"loss_d={m['loss_d']:.3f} loss_g={m['loss_g']:.3f}{extra}{evals} "
             f"{m['images_per_s']:.0f} img/s, {m['images_seen']} images seen" + (f", {layout}" if layout else ""))
@@ -307,14 +339,17 @@ def worker_loop(config: dict[str, Any]) -> None:
     # [2] The images (and the scoring reference) from Ray's object store: one copy per node, shared by
     #     its workers, whatever this node has on its own disk.
     inputs = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in config["inputs"].items()}
-    data = data_mod.ImageSet.from_numpy(inputs["data"]).shard(rank, world)
+    data = data_mod.ImageSet.from_numpy(inputs["data"])
+    size = len(data)
+    if not privacy.enabled(cfg):  # DP samples from the whole set (Poisson), each worker taking its share
+        data = data.shard(rank, world)
 
     # [3] DDP-wrap G and D. No buffer sync in forward: D is called on real and fake images before one
     #     backward, and a buffer broadcast between those calls breaks autograd (BatchNorm stats).
     def wrap(m):
         return ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
-    state = build_state(cfg, device, wrap=wrap if not local else (lambda m: m))
+    state = build_state(cfg, device, wrap=wrap if not local else (lambda m: m), size=size)
 
     # [4] Resume from the latest checkpoint of this run (a re-run of the same name, or a restart).
     resume = _latest(run_dir, local)
@@ -326,8 +361,12 @@ def worker_loop(config: dict[str, Any]) -> None:
             torch.manual_seed(t.seed + 7919 * rank + state.step)
     else:
         torch.manual_seed(t.seed + 7919 * rank)
-    batches = data_mod.Batches(data, t.batch_size, seed=t.seed * 1000 + rank,
-                               start=state.step * cfg.loss.n_critic, device=device)
+    if state.private is not None:
+        batches = privacy.PoissonBatches(data, state.private.q, seed=t.seed, rank=rank, world=world,
+                                         start=state.step * cfg.loss.n_critic, device=device)
+    else:
+        batches = data_mod.Batches(data, t.batch_size, seed=t.seed * 1000 + rank,
+                                   start=state.step * cfg.loss.n_critic, device=device)
     logger = Logger(run_dir, t.steps, config["echo"], layout(cfg)) if local else None
 
     window: dict[str, torch.Tensor] = {}
@@ -353,6 +392,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         metrics.update(step=s, images_seen=s * cfg.loss.n_critic * t.batch_size * world,
                        images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / elapsed,
                        epoch=batches.i // batches.per_epoch)
+        if state.private is not None:
+            metrics.update(epsilon=state.private.epsilon(), delta=state.private.delta)
         checkpoint, marker = None, None
         if is_eval:  # every worker generates its share; the statistics are all-reduced
             metrics.update(_evaluate(state, cfg, inputs["eval"], rank, world, device))
@@ -437,6 +478,8 @@ def check_inputs(cfg: Config) -> None:
     """Before Ray starts: the storage can be written (bucket, credentials, endpoint) and the dataset is there."""
     storage.check(cfg.run.storage)
     data_mod.ensure(cfg.data)
+    if privacy.enabled(cfg):
+        privacy.check(cfg, data_mod.size(cfg.data))  # delta against the training images
 
 
 def make_inputs(cfg: Config, local: bool = False) -> dict[str, Any]:
@@ -579,6 +622,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
     storage.write_text(storage.join(run_dir, ckpt.CONFIG_FILE), json.dumps(cfg.to_dict(), indent=2))
     if not quiet:
         _say_resume(cfg, run_dir)
+        if privacy.enabled(cfg):
+            print(privacy.describe(cfg, data_mod.size(cfg.data)), flush=True)
     cbs = list(callbacks or [])
     if not local:
         cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet, layout=layout(cfg)))

@@ -385,6 +385,8 @@ def _report(grid, search_dir: str, metric_key: str, max_steps: int, log, schedul
     """trials.csv, the FID plot, the table and best.json from a finished (or resumed) search."""
     import pandas as pd
 
+    from .checkpoint import read_meta
+
     frames, rows = [], []
     for r in grid:
         if r.metrics_dataframe is None or r.metrics_dataframe.empty:
@@ -421,7 +423,8 @@ def _report(grid, search_dir: str, metric_key: str, max_steps: int, log, schedul
             "step": win["best_step"], "trial_id": win["trial"], "search": search_dir,
             "config": json.loads(storage_mod.read_text(storage_mod.join(win["checkpoint"], "config.json"))),
             "steps_run": int(sum(r["steps"] for r in rows)), "steps_full_grid": len(rows) * max_steps,
-            "copies": 0 if lineage is None else len(lineage), "scheduler": scheduler}
+            "copies": 0 if lineage is None else len(lineage), "scheduler": scheduler,
+            "privacy": read_meta(win["checkpoint"]).get("privacy")}
     write(storage_mod.join(search_dir, "best.json"), json.dumps(best, indent=2))
     best["best_json"] = storage_mod.join(search_dir, "best.json")
     best["table"] = table.astype(object).where(table.notna(), None).to_dict("records")

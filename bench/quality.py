@@ -132,6 +132,9 @@ def main() -> None:
     p.add_argument("--few-shot", type=int, default=0, help="train on the first N images only, with and "
                    "without augmentation (new defaults), for --steps G steps")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--policies", nargs="+", default=["auto", "none"],
+                   help="few-shot augmentation arms: auto (the default), none, a comma list of "
+                   "color,translation,cutout, or ada (all three with adaptive p from 0) [auto none]")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dcfg = DataConfig(dataset="fashion-mnist")
@@ -139,8 +142,9 @@ def main() -> None:
     rows = []
     if args.few_shot:
         ds = data.load(DataConfig(dataset="fashion-mnist", limit=args.few_shot))
-        runs = [(f"{args.few_shot}-shot, augmented", {"augment.policy": "auto"}),
-                (f"{args.few_shot}-shot, not augmented", {"augment.policy": "none"})]
+        ada = {"augment.policy": "color,translation,cutout", "augment.adaptive": True, "augment.p": 0.0}
+        runs = [(f"{args.few_shot}-shot, augment {pol}", ada if pol == "ada" else {"augment.policy": pol})
+                for pol in args.policies]
         budget = args.steps * Config().train.batch_size
     else:
         ds, budget = full, args.images

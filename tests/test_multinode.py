@@ -248,3 +248,4 @@ def test_the_whole_pipeline_as_a_ray_job(cluster):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (70, 70)
     info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
     assert info["metric"] == "fid" and info["step"] == 6 and info["checkpoint"] == result["checkpoint"]
+    assert "no image was held out" in info["audit"]["skipped"] and info["privacy"] is None  # mnist-5k, whole

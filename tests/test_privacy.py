@@ -1,0 +1,125 @@
+"""DP-SGD on D: epsilon is Opacus' own accounting, noise is added once per global step across workers,
+resume continues epsilon, and every setting DP cannot honour is one line."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from aigc_ray import checkpoint as ckpt
+from aigc_ray import data, privacy, train
+from aigc_ray.config import ConfigError, DataConfig, resolve, validate
+
+N = 5000  # mnist-5k
+
+
+def _resolved(cfg):
+    return resolve(validate(cfg), channels=1, num_classes=10, size=N)
+
+
+def test_epsilon_after_k_steps_is_opacus_accountant_for_the_same_sigma_q_k(tiny):
+    from opacus.accountants import RDPAccountant
+
+    cfg = _resolved(tiny(privacy__noise_multiplier=0.8, train__batch_size=32))
+    state = train.build_state(cfg, size=N)
+    batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=0)
+    for _ in range(12):
+        train.train_step(state, batches, cfg)
+    acc = RDPAccountant()
+    for _ in range(12):
+        acc.step(noise_multiplier=0.8, sample_rate=32 / N)
+    want = acc.get_epsilon(1e-5)
+    assert state.private.q == pytest.approx(32 / N)
+    assert state.private.epsilon() == pytest.approx(want, rel=0.01) and want > 0
+
+
+def test_epsilon_alone_solves_sigma_that_spends_it_and_sigma_with_epsilon_stops_before_it(tiny):
+    solved = _resolved(tiny(privacy__epsilon=5.0, train__steps=300, train__batch_size=32))
+    sigma = solved.privacy.noise_multiplier
+    assert sigma > 0 and privacy.epsilon_after(sigma, 32 / N, 300, 1e-5) <= 5.0
+    assert privacy.epsilon_after(sigma * 0.95, 32 / N, 300, 1e-5) > 5.0 * 0.99  # not a needlessly large sigma
+    capped = _resolved(tiny(privacy__noise_multiplier=1.0, privacy__epsilon=1.5, train__steps=100000,
+                            train__batch_size=32))
+    k = capped.train.steps
+    assert 1 <= k < 100000
+    assert privacy.epsilon_after(1.0, 32 / N, k, 1e-5) <= 1.5 < privacy.epsilon_after(1.0, 32 / N, k + 1, 1e-5)
+
+
+def test_dp_picks_a_per_example_d_and_says_so(tiny):
+    cfg = _resolved(tiny(privacy__noise_multiplier=1.0))
+    assert cfg.model.d_norm == "layer" and cfg.model.spectral_norm is False
+    line = privacy.describe(cfg, N)
+    assert "sigma=1.000" in line and "layer norm and no spectral norm" in line and "epsilon=" in line
+
+
+def _noise_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from aigc_ray.config import Config, replace
+
+    cfg = resolve(replace(Config(), {"data.dataset": "mnist-5k", "model.ngf": 8, "model.ndf": 8,
+                                     "model.latent_dim": 16, "train.batch_size": 16, "train.num_workers": world,
+                                     "privacy.noise_multiplier": 100.0, "privacy.max_grad_norm": 1e-6}),
+                  channels=1, num_classes=10, size=N)
+    state = train.build_state(cfg, size=N)
+    torch.manual_seed(1000 + rank)  # different data and fakes per worker, as in a real run
+    batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=3,
+                                     rank=rank, world=world)
+    train.train_step(state, batches, cfg)
+    grad = torch.cat([p.grad.flatten() for p in train.unwrap(state.d).parameters()])
+    if rank == 0:
+        torch.save(grad, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_workers_add_the_noise_once_per_global_step(tmp_path):
+    """sigma large, C tiny: D's gradient is the noise. Its variance is that of one draw of N(0, (sigma C)^2)
+    over the global expected batch (16 x 2), not of one draw per worker (which would double it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "grad.pt"
+    mp.spawn(_noise_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    grad = torch.load(out)
+    ratio = float(grad.var() / (100.0 * 1e-6 / (16 * 2)) ** 2)
+    assert grad.numel() > 10000 and 0.85 < ratio < 1.15, ratio  # two draws would give 2
+
+
+def test_resume_continues_epsilon(tiny):
+    first = train.fit(tiny(privacy__noise_multiplier=1.0, train__steps=4, run__name="dp"), quiet=True)
+    eps4 = ckpt.read_meta(first["checkpoint"])["privacy"]["epsilon"]
+    second = train.fit(tiny(privacy__noise_multiplier=1.0, train__steps=8, run__name="dp"), quiet=True)
+    meta = ckpt.read_meta(second["checkpoint"])
+    assert meta["privacy"]["d_steps"] == 8 and meta["metrics"]["epsilon"] > eps4
+    assert meta["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_after(1.0, 16 / N, 8, 1e-5), rel=1e-3)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--dp-noise-multiplier", "0"], "privacy.noise_multiplier: must be > 0"),
+    (["--dp-noise-multiplier", "-1"], "privacy.noise_multiplier: must be > 0"),
+    (["--dp-epsilon", "0"], "privacy.epsilon: must be > 0"),
+    (["--dp-epsilon", "1", "--dp-delta", "0.001"], "privacy.delta: must be in (0, 1/N) with N = 5000"),
+    (["--dp-epsilon", "1", "--loss", "wgan-gp"], "a gradient penalty (wgan-gp, R1)"),
+    (["--dp-epsilon", "1", "--d-norm", "batch", "--no-spectral-norm"], "BatchNorm mixes the images"),
+    (["--dp-epsilon", "1", "--ada"], "augment.adaptive"),
+])
+def test_bad_dp_input_is_one_line_exit_2(tmp_path, args, needle):
+    r = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "train", "--dataset", "mnist-5k", *args,
+                        "--storage", str(tmp_path / "runs"), "--name", "bad"], capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_batchnorm_d_is_refused_in_code_too(tiny):
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        validate(tiny(privacy__epsilon=1.0, model__d_norm="batch"))
