@@ -1,10 +1,12 @@
 """DP-SGD on D: epsilon is Opacus' own accounting, noise is added once per global step across workers,
 resume continues epsilon, and every setting DP cannot honour is one line."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,14 @@ def test_bad_dp_input_is_one_line_exit_2(tmp_path, args, needle):
 def test_a_batchnorm_d_is_refused_in_code_too(tiny):
     with pytest.raises(ConfigError, match="BatchNorm"):
         validate(tiny(privacy__epsilon=1.0, model__d_norm="batch"))
+
+
+def test_a_two_worker_ray_train_dp_run_accounts_for_the_global_batch(ray_cluster, tiny):
+    out = train.fit(tiny(privacy__noise_multiplier=1.0, train__num_workers=2, train__cpus_per_worker=1,
+                         train__steps=4, run__name="dp2"), quiet=True)
+    meta = ckpt.read_meta(out["checkpoint"])
+    assert meta["privacy"]["sample_rate"] == pytest.approx(2 * 16 / N)  # q of the global batch, not a worker's
+    assert meta["privacy"]["d_steps"] == 4
+    assert meta["metrics"]["epsilon"] == pytest.approx(privacy.epsilon_after(1.0, 2 * 16 / N, 4, 1e-5), rel=1e-6)
+    cfg = json.loads((Path(out["run_dir"]) / "config.json").read_text())
+    assert cfg["model"]["d_norm"] == "layer" and cfg["model"]["spectral_norm"] is False
