@@ -102,6 +102,10 @@ def test_resume_continues_epsilon(tiny):
     meta = ckpt.read_meta(second["checkpoint"])
     assert meta["privacy"]["d_steps"] == 8 and meta["metrics"]["epsilon"] > eps4
     assert meta["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_after(1.0, 16 / N, 8, 1e-5), rel=1e-3)
+    from aigc_ray.serve import Sampler
+
+    info = Sampler(second["checkpoint"]).info()  # what GET /info says of the served model
+    assert info["privacy"]["epsilon"] == meta["privacy"]["epsilon"] and info["privacy"]["delta"] == 1e-5
 
 
 @pytest.mark.parametrize("args,needle", [
