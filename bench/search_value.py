@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--fid-samples", type=int, default=2000)
     p.add_argument("--ref-images", type=int, default=2000)
     p.add_argument("--storage", default="", help="where the runs go [a temporary folder]")
+    p.add_argument("--arms", nargs="+", default=["default", "asha", "pbt"], choices=["default", "asha", "pbt"])
     args = p.parse_args()
     root = args.storage or tempfile.mkdtemp(prefix="search_value_")
     init_ray()
@@ -40,23 +41,26 @@ def main() -> None:
     every = max(50, per // 4)
     rows = []
 
-    def score(name: str, checkpoint: str, steps: int, seconds: float) -> None:
+    def score(name: str, checkpoint: str, steps: int, seconds: float, copies: int | None = None) -> None:
         fid = metrics.evaluate(checkpoint, "fid", args.fid_samples, ref_images=args.ref_images)["value"]
         row = {"arm": name, "fid": round(fid, 2), "g_steps": steps, "seconds": round(seconds, 1),
-               "checkpoint": checkpoint}
+               "checkpoint": checkpoint, "pbt_copies": copies}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    t0 = time.time()
-    out = train.fit(replace(base, {"run.name": "default", "train.steps": args.budget,
-                                   "train.ckpt_every": every, "train.log_every": every}), quiet=True)
-    score("default config, whole budget", out["checkpoint"], args.budget, time.time() - t0)
+    if "default" in args.arms:
+        t0 = time.time()
+        out = train.fit(replace(base, {"run.name": "default", "train.steps": args.budget,
+                                       "train.ckpt_every": every, "train.log_every": every}), quiet=True)
+        score("default config, whole budget", out["checkpoint"], args.budget, time.time() - t0)
     for name, scheduler in (("random search + ASHA", "asha"), ("PBT", "pbt")):
+        if scheduler not in args.arms:
+            continue
         t0 = time.time()
         best = tune.search(base, name=scheduler, storage=root, num_trials=args.members, max_steps=per,
                            metric="fid-domain", eval_every=every, scheduler=scheduler,
                            quantile=0.5 if args.members < 4 else 0.25, log=lambda *a: None)
-        score(name, best["checkpoint"], best["steps_run"], time.time() - t0)
+        score(name, best["checkpoint"], best["steps_run"], time.time() - t0, best.get("copies"))
     print(f"\n| arm | FID (Inception, {args.fid_samples} vs {args.ref_images} test) | G steps spent | wall s |\n"
           "|---|---|---|---|")
     for r in rows:
