@@ -24,6 +24,7 @@ the dataset's own images, gave the same model a copy rate of 0.57 (docs/BENCHMAR
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -65,19 +66,14 @@ def mifid(fid: float, d_samples: torch.Tensor, eps: float = MIFID_EPS) -> float:
 
 def heldout_images(d: DataConfig, n: int) -> tuple[torch.Tensor, str]:
     """Up to n real images the run never trained on, and where they come from."""
-    if d.limit and data.size(replace_limit(d, 0)) > d.limit:
-        rest = data.load(replace_limit(d, 0), "train").images[d.limit:d.limit + n]
+    whole = dataclasses.replace(d, limit=0)
+    if d.limit and data.size(whole) > d.limit:
+        rest = data.load(whole, "train").images[d.limit:d.limit + n]
         return rest, f"training split images {d.limit}..{d.limit + len(rest) - 1} (beyond --limit)"
     if d.dataset.startswith("folder:") or d.dataset == "mnist-5k":
         raise ConfigError(f"audit: {d.dataset} was trained on whole, so no image was held out to compare with; "
                           "train with --limit N to keep the images beyond N back")
     return data.load(d, "test").images[:n], "test split"
-
-
-def replace_limit(d: DataConfig, limit: int) -> DataConfig:
-    import dataclasses
-
-    return dataclasses.replace(d, limit=limit)
 
 
 def choose_features(features: str, d: DataConfig) -> str:

@@ -47,17 +47,22 @@ def d_steps(cfg: Config) -> int:
     return cfg.train.steps * max(1, cfg.loss.n_critic)
 
 
-def epsilon_after(sigma: float, q: float, steps: int, delta: float) -> float:
-    """The epsilon at delta that Opacus' RDP accountant gives for `steps` steps of (sigma, q)."""
+def _rdp_epsilon(history: list, delta: float) -> float:
+    """Opacus' RDP accountant over a history of (sigma, q, steps): the epsilon spent at delta."""
     from opacus.accountants import RDPAccountant
 
-    if steps <= 0:
+    if not history:
         return 0.0
     acc = RDPAccountant()
-    acc.history = [(sigma, q, steps)]
+    acc.history = list(history)
     with warnings.catch_warnings():  # "optimal order is the largest alpha": a loose bound, still a bound
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta))
+
+
+def epsilon_after(sigma: float, q: float, steps: int, delta: float) -> float:
+    """The epsilon at delta that Opacus' RDP accountant gives for `steps` steps of (sigma, q)."""
+    return _rdp_epsilon([(sigma, q, steps)] if steps > 0 else [], delta)
 
 
 def solve_sigma(epsilon: float, delta: float, q: float, steps: int) -> float:
@@ -186,15 +191,7 @@ class Private:
             self.history.append((self.sigma, self.q, 1))
 
     def epsilon(self) -> float:
-        from opacus.accountants import RDPAccountant
-
-        if not self.history:
-            return 0.0
-        acc = RDPAccountant()
-        acc.history = list(self.history)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(acc.get_epsilon(self.delta))
+        return _rdp_epsilon(self.history, self.delta)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "q": self.q, "delta": self.delta, "max_grad_norm": self.max_grad_norm,
