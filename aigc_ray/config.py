@@ -108,7 +108,7 @@ class TrainConfig:
     cpus_per_worker: int = opt(0, "CPUs Ray reserves for each worker, and its torch threads; 0: auto (the "
                                   "cluster's CPUs split among the workers)")
     ema_decay: float = opt(0.99, "decay of the EMA copy of G used for samples and FID; 0: no EMA")
-    log_every: int = opt(50, "report metrics every this many steps")
+    log_every: int = opt(50, "report metrics every this many steps (Ray Train workers: at most once per 2.5 s)")
     ckpt_every: int = opt(500, "write a checkpoint (with a sample grid) every this many steps")
     keep_checkpoints: int = opt(3, "checkpoints kept per run (the newest); 0: keep all")
     eval_every: int = opt(0, "compute eval_metric every this many steps (at checkpoints); 0: off")

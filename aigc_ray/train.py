@@ -4,7 +4,7 @@
 
 Each of N workers holds its own shard of the data and a DDP-wrapped G and D; the global batch is
 train.batch_size x N. Every train.log_every steps the workers report step, images seen, images/s
-and losses (averaged over workers); every train.ckpt_every steps rank 0 also writes a checkpoint
+and losses (averaged over workers), at most once per REPORT_EVERY_S; every train.ckpt_every steps rank 0 also writes a checkpoint
 with a sample grid. Running the same run name again resumes from its latest checkpoint, and a dead
 worker restarts the group from the last checkpoint (train.max_failures times).
 """
@@ -38,6 +38,11 @@ from .models import build, generate, noise
 
 GRID_SIZE = 64
 R1_EVERY = 16  # lazy R1 (StyleGAN2): every 16th D update, weighted 16x
+# Ray Train's controller takes one report per worker every 2 s (its health-check poll) and a worker
+# reporting faster waits for it: on a GPU, where 50 steps take a fraction of a second, reporting every
+# log_every steps ran at a tenth of the plain loop's speed. Workers report at most this often instead
+# (checkpoints and evaluations always), deciding together from their mean clock.
+REPORT_EVERY_S = 2.5
 ADA_INTERVAL = 4  # D steps between moves of the adaptive augmentation strength (ADA's)
 
 
@@ -381,14 +386,20 @@ def worker_loop(config: dict[str, Any]) -> None:
         is_eval = bool(t.eval_every) and (s % t.eval_every == 0 or s == t.steps)
         if not (s % t.log_every == 0 or is_ckpt or is_eval):
             continue
-        # Average the window's stats over steps and workers (one small all-reduce).
+        # Average the window's stats over steps and workers, and the seconds since the last report over
+        # workers (one small all-reduce): every worker then makes the same choice to report or not.
         keys = sorted(window)
-        vec = torch.stack([window[k] for k in keys]).float() / n_window
+        now = time.perf_counter()
+        elapsed = now - t0  # windows tile the run: each one holds the previous report's own cost
+        vec = torch.cat([torch.stack([window[k] for k in keys]).float() / n_window,
+                         torch.tensor([elapsed], device=window[keys[0]].device)])
         if world > 1 and dist.is_initialized():
             dist.all_reduce(vec)
             vec /= world
-        elapsed = time.perf_counter() - t0
-        metrics = {k: float(v) for k, v in zip(keys, vec.tolist())}
+        *means, mean_elapsed = vec.tolist()
+        if not (local or is_ckpt or is_eval or mean_elapsed >= REPORT_EVERY_S):
+            continue  # the window grows until the next log point that is due
+        metrics = {k: float(v) for k, v in zip(keys, means)}
         metrics.update(step=s, images_seen=s * cfg.loss.n_critic * t.batch_size * world,
                        images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / elapsed,
                        epoch=batches.i // batches.per_epoch)
@@ -414,7 +425,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
         if marker is not None:
             shutil.rmtree(marker, ignore_errors=True)
-        window, n_window, t0 = {}, 0, time.perf_counter()
+        window, n_window, t0 = {}, 0, now
 
 
 def quiet_ray_train_logs() -> None:

@@ -1,8 +1,11 @@
-"""The GPU figures of bench/gpu_check.sh: training images/s, standard FID time, Serve load on a GPU replica.
+"""The GPU check of bench/gpu_check.sh in one process and one Ray cluster: the device tests, training
+images/s, standard FID time, Serve load on a GPU replica.
 
     python bench/gpu_bench.py --out gpu-check/            # on a GPU machine (bench/gpu_check.sh runs it)
     python bench/gpu_bench.py --out smoke/ --smoke        # the same steps, tiny, on the CPU
 
+0. The `gpu` tests (tests/test_gpu.py) on the device, in this process and on its Ray cluster; their
+   output goes to <out>/tests.txt, and a failure stops the check.
 1. Training images/s of the train step at 32, 64 and 128 px (batch 256): a plain loop in fp32, AMP bf16,
    AMP fp16 (GradScaler), bf16 + channels_last, bf16 + torch.compile (64 px); then Ray Train with 1 worker
    (and one worker per GPU when there are several) in the default setting, beside the plain loop.
@@ -67,15 +70,17 @@ def plain(device, size: int, amp: str, steps: int, batch: int, ds, channels_last
 
 
 def ray_train(size: int, steps: int, batch: int, workers: int, use_gpu: bool, root: str) -> tuple[float, str]:
-    """Median images/s of a Ray Train run (workers x GPU), from its TensorBoard events; and its checkpoint."""
+    """Median images/s of a Ray Train run (workers x GPU) over its report windows after the first, from its
+    TensorBoard events; and its checkpoint. The windows tile the run, report calls and checkpoints included."""
     from train_throughput import rates
 
     cfg = replace(Config(), {"data.dataset": "mnist-5k", "data.image_size": size, "train.batch_size": batch,
-                             "train.steps": steps, "train.log_every": max(1, steps // 6),
-                             "train.ckpt_every": steps, "train.num_workers": workers, "train.use_gpu": use_gpu,
+                             "train.steps": steps, "train.log_every": min(50, steps),
+                             "train.ckpt_every": steps,
+                             "train.num_workers": workers, "train.use_gpu": use_gpu,
                              "run.storage": root, "run.name": f"gpu-{size}-{workers}w"})
     out = train.fit(cfg, quiet=True)
-    return rates(out["run_dir"])[0], out["checkpoint"]
+    return rates(out["run_dir"])[0], out["checkpoint"]  # (a smoke run's one report is its only window)
 
 
 def fid_time(device, n: int, checkpoint: str, ref_images: int = 5000) -> dict:
@@ -146,6 +151,37 @@ def serve_load(checkpoint: str, use_gpu: bool, seconds: float, clients: int = 16
     return {k: round(v, 3 if k.startswith("ratio") else 1) for k, v in out.items()}
 
 
+def device_tests(device: str, out_dir: Path) -> dict:
+    """Runs tests/test_gpu.py on device in this process (the Ray cluster already started is theirs too);
+    writes their output to out_dir/tests.txt and returns the outcome counts."""
+    import contextlib
+    import io
+    from collections import Counter
+
+    import pytest
+
+    class Outcomes:
+        def __init__(self):
+            self.counts: Counter = Counter()
+
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or report.outcome != "passed":
+                self.counts[report.outcome] += 1
+
+    os.environ["AIGC_RAY_DEVICE"] = device
+    outcomes, text = Outcomes(), io.StringIO()
+    root = Path(__file__).resolve().parents[1]
+    with contextlib.redirect_stdout(text):
+        code = pytest.main(["-q", "-s", "-m", "gpu", str(root / "tests" / "test_gpu.py"), "-p", "no:cacheprovider",
+                            "--rootdir", str(root)], plugins=[outcomes])
+    (out_dir / "tests.txt").write_text(text.getvalue())
+    print("\n".join(text.getvalue().rstrip().splitlines()[-3:]), flush=True)
+    if code != 0 or not outcomes.counts["passed"] or set(outcomes.counts) != {"passed"}:
+        raise SystemExit(f"gpu_check: the device tests did not all pass ({dict(outcomes.counts)}); "
+                         f"see {out_dir / 'tests.txt'}")
+    return dict(outcomes.counts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json")
@@ -161,6 +197,11 @@ def main() -> None:
                     "gpus": torch.cuda.device_count() if gpu else 0, "training": [], "smoke": not gpu}
     print(f"[gpu_check] torch {torch.__version__}, CUDA {torch.version.cuda}, {report['device']} x{report['gpus']}",
           flush=True)
+    import ray
+
+    # One cluster for everything: the device tests, Ray Train and Serve (a second one costs ~10 s).
+    ray.init(address="local", logging_level="WARNING", num_gpus=torch.cuda.device_count() if gpu else 0)
+    report["tests"] = device_tests(device.type, out_dir)
     for size in sizes:
         dsz = data.load(DataConfig(dataset="mnist-5k", image_size=size))
         row = {"size": size}
@@ -175,29 +216,28 @@ def main() -> None:
         report["training"].append(row)
         print(f"[gpu_check] {json.dumps(row)}", flush=True)
 
-    import ray
-
-    ray.init(logging_level="WARNING", num_gpus=torch.cuda.device_count() if gpu else 0)
     root = tempfile.mkdtemp(prefix="gpu_check_")
     size = 64 if gpu else 32
-    ray_steps = 120 if gpu else 4
-    rate, checkpoint = ray_train(size, ray_steps, batch, 1, gpu, root)
     plain_rate = plain(device, size, "bf16" if gpu else "none", steps, batch,
                        data.load(DataConfig(dataset="mnist-5k", image_size=size)))
-    report["ray_train"] = {"size": size, "workers": 1, "images_per_s": round(rate, 1),
+    # ~15 s of training on a GPU: several reports (one per REPORT_EVERY_S) to take the median of
+    ray_steps = int(min(5000, max(200, 15 * plain_rate / batch))) if gpu else 2
+    rate, checkpoint = ray_train(size, ray_steps, batch, 1, gpu, root)
+    report["ray_train"] = {"size": size, "workers": 1, "steps": ray_steps, "images_per_s": round(rate, 1),
                            "plain_images_per_s": round(plain_rate, 1), "ratio": round(rate / plain_rate, 3)}
     if gpu and torch.cuda.device_count() > 1:
         n = torch.cuda.device_count()
         report["ray_train"][f"{n}_workers_images_per_s"] = round(ray_train(size, ray_steps, batch, n, True, root)[0], 1)
     print(f"[gpu_check] ray_train {json.dumps(report['ray_train'])}", flush=True)
-    report["fid"] = fid_time(device, 10000 if gpu else 50, checkpoint, 5000 if gpu else 50)
+    report["fid"] = fid_time(device, 10000 if gpu else 16, checkpoint, 5000 if gpu else 16)
     print(f"[gpu_check] fid {json.dumps(report['fid'])}", flush=True)
-    report["serve"] = serve_load(checkpoint, gpu, 10 if gpu else 2, clients=16 if gpu else 2)
+    report["serve"] = serve_load(checkpoint, gpu, 10 if gpu else 0.5, clients=16 if gpu else 2)
     print(f"[gpu_check] serve {json.dumps(report['serve'])}", flush=True)
     ray.shutdown()
 
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(f"\n| check ({report['device']}) | figure |\n|---|---|")
+    print(f"| device tests (tests/test_gpu.py) | " + ", ".join(f"{v} {k}" for k, v in report["tests"].items()) + " |")
     for row in report["training"]:
         print(f"| train step {row['size']} px, images/s | " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "size")
               + " |")

@@ -67,7 +67,7 @@ def test_generate_gives_the_same_bytes_on_two_replicas(ray_cluster, tiny):
     try:
         by_replica: dict[str, set] = {}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            for _ in range(80):
+            for _ in range(32):  # two replicas, chosen at random: one alone answers all 2^-31 of the time
                 r = c.post("/generate", json={"n": 8, "seed": 123, "format": "npy"})
                 assert r.status_code == 200
                 by_replica.setdefault(r.headers["x-replica"], set()).add(r.content)

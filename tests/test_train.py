@@ -115,6 +115,27 @@ def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_clust
     assert (w9["g"][k] - w6["g"][k]).norm() < (w9["g"][k] - fresh.g.state_dict()[k]).norm()
 
 
+def test_fast_steps_report_at_most_once_per_interval_and_both_workers_agree(ray_cluster, tiny):
+    """Ray Train's controller takes one report per worker per poll (2 s) and a faster reporter waits for it:
+    reporting every log_every steps of fast steps stalled the workers (here, ~10x). Reports of 2 workers
+    now come once per REPORT_EVERY_S of their mean clock (the last one, a checkpoint, excepted), and both
+    workers make the same choice (a split choice would hang the report barrier)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train.fit(tiny(train__num_workers=2, train__steps=600, train__log_every=5, train__ckpt_every=600,
+                         run__name="fast"), quiet=True)
+    assert out["step"] == 600
+    acc = EventAccumulator(str(Path(out["run_dir"]) / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("images_per_s")]
+    rates = [e.value for e in acc.Scalars("images_per_s")]
+    assert steps[-1] == 600 and len(steps) < 600 // 5  # far fewer reports than log points
+    assert all(s % 5 == 0 for s in steps)  # each at a log point
+    starts = [0] + steps[:-1]
+    window_s = [(s - s0) * 16 * 2 / r for s, s0, r in zip(steps, starts, rates)]
+    assert all(w >= train.REPORT_EVERY_S * 0.99 for w in window_s[:-1]), window_s
+
+
 @pytest.mark.parametrize("nodes,workers,cpus,concurrent,want", [
     ([{"CPU": 2}], -1, 0, 1, (1, 2)),  # this machine: one worker on both cores, not two on one each
     ([{"CPU": 2}], -1, 0, 2, (1, 1)),  # two trials at a time share the cores
