@@ -74,7 +74,7 @@ class Inception:
             warnings.simplefilter("ignore", FutureWarning)  # jit.load's deprecation notice
             self.net = torch.jit.load(str(path), map_location=device).eval()
         self.device, self.batch, self.id = torch.device(device), batch, f"inception-{INCEPTION_SHA1[:8]}"
-        # NHWC inputs: the same features (within 1e-5) at ~1.4x the images/s on a CPU (bench/fid_speed.py)
+        # NHWC inputs: the same features (within 1e-5) at 1.2-1.45x the images/s on a CPU (docs/BENCHMARKS.md)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     @torch.no_grad()

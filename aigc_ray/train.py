@@ -3,9 +3,9 @@
     aigc-ray train --dataset fashion-mnist --loss wgan-gp --num-workers 2 --steps 2000 --name fm-wgan
 
 Each of N workers holds its own shard of the data and a DDP-wrapped G and D; the global batch is
-train.batch_size x N. Every train.log_every steps the workers report step, images seen, images/s
-and losses (averaged over workers), at most once per REPORT_EVERY_S; every train.ckpt_every steps rank 0 also writes a checkpoint
-with a sample grid. Running the same run name again resumes from its latest checkpoint, and a dead
+train.batch_size x N. Every train.log_every steps (at most once per REPORT_EVERY_S) the workers report
+step, images seen, images/s and losses (averaged over workers); every train.ckpt_every steps rank 0 also
+writes a checkpoint with a sample grid. Running the same run name again resumes from its latest checkpoint, and a dead
 worker restarts the group from the last checkpoint (train.max_failures times).
 """
 

@@ -5,9 +5,10 @@
 #     bash bench/gpu_check.sh --cpu-smoke --out smoke  # the same steps, tiny, on the CPU (CI: is it broken?)
 #
 # 1. the project's .venv (made with `make venv` when missing); torch, CUDA and GPU names;
-# 2. bench/gpu_bench.py, in one process and one Ray cluster: the `gpu` tests (tests/test_gpu.py: train steps per
-#    loss with AMP bf16 and fp16, exact resume, the same /generate bytes on two replicas), then train images/s at 32/64/128 px (fp32, bf16, fp16, channels_last, torch.compile), Ray
-#    Train 1 worker beside the plain loop, standard FID of 10,000 samples, a Serve replica at n=16 and n=64.
+# 2. bench/gpu_bench.py, in one process and one Ray cluster: the `gpu` tests (tests/test_gpu.py: train steps
+#    per loss with AMP bf16 and fp16, exact resume, the same /generate bytes on two replicas), then train
+#    images/s at 32/64/128 px (fp32, bf16, fp16, channels_last, torch.compile), Ray Train 1 worker beside
+#    the plain loop, standard FID of 10,000 samples, a Serve replica at n=16 and n=64.
 # Prints one table at the end and writes <out>/gpu_check.json (and <out>/tests.txt).
 # Without a GPU (and without --cpu-smoke) it says so in one line and exits 0.
 set -euo pipefail
