@@ -46,16 +46,32 @@ def state_dir(port: int) -> Path:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on the loopback interface."""
+    """n distinct TCP ports free on loopback, for a server that binds them a moment later.
+
+    They come from between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768 and up on
+    Linux), not from bind(0): a port the kernel just handed out as ephemeral is the one it hands next to some
+    outgoing connection or another bind(0) (a Ray process starting meanwhile), and the server then finds it
+    taken.
+    """
+    import random
     import socket
 
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    candidates = random.SystemRandom().sample(range(20000, max(ephemeral, 20064 + 4 * n)), 4 * n + 64)
+    ports: list[int] = []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"could not find {n} free ports on 127.0.0.1 between 20000 and {ephemeral}")
 
 
 def haproxy_env(port: int) -> dict[str, str]:

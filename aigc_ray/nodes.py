@@ -1,8 +1,7 @@
 """A real multi-node Ray cluster on one machine, whose nodes share no files, and an S3-compatible server.
 
-    with ObjectStore() as s3, Cluster(tmp, env=s3.env) as c:   # head: 0 CPUs; nodes: their own namespaces
-        node = c.add_node(cpus=2)
-        c.wait_nodes(2)
+    with ObjectStore() as s3, Cluster.up(tmp, env=s3.env, nodes=1) as c:  # head: 0 CPUs; a node of its own
+        node = c.nodes[0]
         c.cli("train", "--storage", "s3://aigc/runs", ...)          # a driver on the head's machine
         c.kill_node(node)                                           # every process of that node, at once
 
@@ -19,13 +18,16 @@ What the multi-node tests and `bench/train_throughput.py --cluster` run on (Linu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,13 +112,42 @@ class Cluster:
         # (Ray Train's placement-group cleaner among them) must know which one is its own.
         self.env["RAY_ADDRESS"] = self.address
         self.nodes: list[subprocess.Popen] = []
-        (self.tmp / "head").mkdir(parents=True, exist_ok=True)
+        self.killed: list[subprocess.Popen] = []
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        # Ray's session folder holds Unix sockets, whose paths may not exceed 107 bytes: under a deep folder
+        # (pytest's, with a 7-digit PID in the session name) the head fails to start. A short one of its own.
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="aigc-head-", dir="/tmp"))
         self.head = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=0", "--node-ip-address=127.0.0.1",
              f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
              "--include-dashboard=true", *self._agent_flags(agent), "--object-store-memory=500000000",
-             "--disable-usage-stats", f"--temp-dir={self.tmp / 'head'}"],
+             "--disable-usage-stats", f"--temp-dir={self.ray_tmp}"],
             env=self.env, stdout=open(self.tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def up(cls, tmp: Path | str, env: dict[str, str] | None = None, nodes: int = 1, cpus: int = 2,
+           attempts: int = 2):
+        """A started cluster: the head and `nodes` worker nodes alive, stopped on exit. A start that fails
+        (a port another process took meanwhile, a head too slow on a busy machine) is said on stderr with
+        its logs and tried again from scratch, on fresh ports, up to `attempts` times in all."""
+        for attempt in range(1, attempts + 1):
+            c = cls(Path(tmp) / f"start{attempt}", env)
+            try:
+                c.wait_nodes(1)
+                for _ in range(nodes):
+                    c.add_node(cpus=cpus)
+                c.wait_nodes(1 + nodes)
+            except (RuntimeError, TimeoutError) as e:
+                c.close()
+                if attempt == attempts:
+                    raise
+                print(f"[nodes] cluster start {attempt} of {attempts} failed; starting afresh: {e}",
+                      file=sys.stderr, flush=True)
+                continue
+            with c:
+                yield c
+            return
 
     @staticmethod
     def _agent_flags(ports) -> list[str]:
@@ -149,6 +180,7 @@ class Cluster:
         """SIGKILL the node's PID-namespace init: the kernel kills every process of that node at once."""
         import psutil
 
+        self.killed.append(node)
         for child in psutil.Process(node.pid).children():
             child.kill()
         node.wait(timeout=60)
@@ -165,17 +197,41 @@ class Cluster:
         return len(r.json()["data"]["result"]["result"])
 
     def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        """Until n nodes (the head among them) are alive; a head or node that exits first fails at once.
+        Either failure carries the last lines of the logs that say why."""
         import httpx
 
         deadline = time.time() + timeout
         while time.time() < deadline:
+            exited = [name for name, p in self._processes() if p.poll() is not None]
+            if exited:
+                raise RuntimeError(f"{', '.join(exited)} exited while waiting for {n} nodes\n{self.logs()}")
             try:
                 if self.alive_nodes() == n:
                     return
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             time.sleep(1)
-        raise TimeoutError(f"{n} nodes not alive after {timeout} s; the logs are in {self.tmp}")
+        raise TimeoutError(f"{n} nodes not alive after {timeout} s; the logs are in {self.tmp} and "
+                           f"{self.ray_tmp}\n{self.logs()}")
+
+    def _processes(self) -> list[tuple[str, subprocess.Popen]]:
+        return [("the head", self.head), *((f"node{i}", p) for i, p in enumerate(self.nodes)
+                                           if p not in self.killed)]
+
+    def logs(self, lines: int = 15) -> str:
+        """The last lines of the head's and the nodes' output and of the head's Ray logs (a node's own Ray logs
+        are in its namespace's /tmp, gone with it)."""
+        ray_logs = self.ray_tmp / "session_latest" / "logs"
+        files = [self.tmp / "head.log", *sorted(self.tmp.glob("node*.log")),
+                 *(ray_logs / f for f in ("gcs_server.out", "raylet.out", "dashboard.log", "dashboard.err"))]
+        out = []
+        for f in files:
+            if f.is_file():
+                tail = [line[:300] for line in f.read_text(errors="replace").splitlines()
+                        if "(+0x" not in line][-lines:]  # native stack frames say nothing here
+                out.append(f"--- {f.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+        return "\n".join(out) or f"(no logs under {self.tmp})"
 
     def cli(self, *args, timeout: float = 600, env: dict | None = None, connect: bool = True,
             **kw) -> subprocess.CompletedProcess:
@@ -197,6 +253,10 @@ class Cluster:
             self.head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.head.pid, signal.SIGKILL)
+        logs = self.ray_tmp / "session_latest" / "logs"
+        if logs.is_dir():  # kept beside the nodes' logs; the sockets and the rest go
+            shutil.copytree(logs, self.tmp / "head-logs", dirs_exist_ok=True, ignore_dangling_symlinks=True)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -182,7 +182,22 @@ def device_tests(device: str, out_dir: Path) -> dict:
     return dict(outcomes.counts)
 
 
+class Phases(dict):
+    """Seconds per step of the check: `with phases("fid"): ...`."""
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            yield
+            self[name] = round(time.perf_counter() - t0, 1)
+        return timed()
+
+
 def main() -> None:
+    t_start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check the script works")
@@ -199,9 +214,13 @@ def main() -> None:
           flush=True)
     import ray
 
+    phases = report["seconds"] = Phases()
     # One cluster for everything: the device tests, Ray Train and Serve (a second one costs ~10 s).
-    ray.init(address="local", logging_level="WARNING", num_gpus=torch.cuda.device_count() if gpu else 0)
-    report["tests"] = device_tests(device.type, out_dir)
+    with phases("ray_init"):
+        ray.init(address="local", logging_level="WARNING", num_gpus=torch.cuda.device_count() if gpu else 0)
+    with phases("device_tests"):
+        report["tests"] = device_tests(device.type, out_dir)
+    t_training = time.perf_counter()
     for size in sizes:
         dsz = data.load(DataConfig(dataset="mnist-5k", image_size=size))
         row = {"size": size}
@@ -215,6 +234,7 @@ def main() -> None:
                 row["bf16+compile"] = f"failed: {type(e).__name__}"
         report["training"].append(row)
         print(f"[gpu_check] {json.dumps(row)}", flush=True)
+    phases["training"] = round(time.perf_counter() - t_training, 1)
 
     root = tempfile.mkdtemp(prefix="gpu_check_")
     size = 64 if gpu else 32
@@ -222,18 +242,23 @@ def main() -> None:
                        data.load(DataConfig(dataset="mnist-5k", image_size=size)))
     # ~15 s of training on a GPU: several reports (one per REPORT_EVERY_S) to take the median of
     ray_steps = int(min(5000, max(200, 15 * plain_rate / batch))) if gpu else 2
-    rate, checkpoint = ray_train(size, ray_steps, batch, 1, gpu, root)
+    with phases("ray_train"):
+        rate, checkpoint = ray_train(size, ray_steps, batch, 1, gpu, root)
     report["ray_train"] = {"size": size, "workers": 1, "steps": ray_steps, "images_per_s": round(rate, 1),
                            "plain_images_per_s": round(plain_rate, 1), "ratio": round(rate / plain_rate, 3)}
     if gpu and torch.cuda.device_count() > 1:
         n = torch.cuda.device_count()
         report["ray_train"][f"{n}_workers_images_per_s"] = round(ray_train(size, ray_steps, batch, n, True, root)[0], 1)
     print(f"[gpu_check] ray_train {json.dumps(report['ray_train'])}", flush=True)
-    report["fid"] = fid_time(device, 10000 if gpu else 16, checkpoint, 5000 if gpu else 16)
+    with phases("fid"):
+        report["fid"] = fid_time(device, 10000 if gpu else 16, checkpoint, 5000 if gpu else 16)
     print(f"[gpu_check] fid {json.dumps(report['fid'])}", flush=True)
-    report["serve"] = serve_load(checkpoint, gpu, 10 if gpu else 0.5, clients=16 if gpu else 2)
+    with phases("serve"):
+        report["serve"] = serve_load(checkpoint, gpu, 10 if gpu else 0.5, clients=16 if gpu else 2)
     print(f"[gpu_check] serve {json.dumps(report['serve'])}", flush=True)
-    ray.shutdown()
+    with phases("ray_shutdown"):
+        ray.shutdown()
+    phases["total"] = round(time.perf_counter() - t_start, 1)
 
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(f"\n| check ({report['device']}) | figure |\n|---|---|")
@@ -250,6 +275,7 @@ def main() -> None:
     s = report["serve"]
     print(f"| Serve replica n=16 / n=64, images/s | {s['serve_n16']} / {s['serve_n64']} (limit {s['limit_n16']} / "
           f"{s['limit_n64']}; {s['ratio_n16']} / {s['ratio_n64']}) |")
+    print("| wall time, s | " + ", ".join(f"{k} {v}" for k, v in phases.items()) + " |")
     print(f"\nwritten: {out_dir / 'gpu_check.json'}")
 
 

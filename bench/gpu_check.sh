@@ -31,4 +31,4 @@ fi
 mkdir -p "$OUT"
 SMOKE_FLAG=()
 if [ "$SMOKE" = 1 ]; then SMOKE_FLAG=(--smoke); fi
-timeout 520 "$PY" bench/gpu_bench.py --out "$OUT" "${SMOKE_FLAG[@]}"
+timeout -k 10 520 "$PY" bench/gpu_bench.py --out "$OUT" "${SMOKE_FLAG[@]}"

@@ -80,10 +80,8 @@ def cluster_loop(cfg: Config, tmp: str) -> dict:
              "--steps", str(t.steps), "--log-every", str(t.log_every), "--ckpt-every", str(t.ckpt_every),
              "--cpus-per-worker", str(t.cpus_per_worker), "--num-workers", "1", "--no-gpu",
              "--storage", "s3://aigc/bench", "--name", "cluster", "--json"]
-    with ObjectStore(Path(tmp) / "moto.log") as s3, Cluster(Path(tmp) / "nodes", env=s3.env) as c:
-        c.wait_nodes(1)
-        c.add_node(cpus=t.cpus_per_worker)
-        c.wait_nodes(2)
+    with (ObjectStore(Path(tmp) / "moto.log") as s3,
+          Cluster.up(Path(tmp) / "nodes", env=s3.env, nodes=1, cpus=t.cpus_per_worker) as c):
         r = c.cli("train", *flags, timeout=1800)
         if r.returncode:
             raise SystemExit(f"cluster run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

@@ -33,12 +33,37 @@ TINY = ["--dataset", "mnist-5k", "--ngf", "8", "--ndf", "8", "--latent-dim", "16
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
-    with Cluster(tmp_path_factory.mktemp("nodes"), env=s3.env) as c:
+    with Cluster.up(tmp_path_factory.mktemp("nodes"), env=s3.env, nodes=1) as c:
         c.s3 = s3
-        c.wait_nodes(1)
-        c.add_node()
-        c.wait_nodes(2)
         yield c
+
+
+def test_a_cluster_start_that_fails_says_why_and_starts_afresh(tmp_path, monkeypatch, capfd):
+    """The head's port is taken by another process: the head exits, which fails the wait as soon as it does
+    (not after the wait's timeout) with the head's log, and the start is made again on fresh ports."""
+    import socket
+
+    from aigc_ray import nodes
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    first = []
+
+    def ports(n):
+        got = free_ports(n)
+        if n == 6 and not first:
+            first.append(got[0])
+            got[0] = taken.getsockname()[1]
+        return got
+
+    monkeypatch.setattr(nodes, "free_ports", ports)
+    with Cluster.up(tmp_path, nodes=0) as c:
+        assert c.alive_nodes() == 1 and c.port != taken.getsockname()[1]
+    taken.close()
+    err = capfd.readouterr().err
+    assert "cluster start 1 of 2 failed" in err and "the head exited" in err  # not the wait's timeout
+    assert "Failed to start GCS" in err  # the cause, from head.log
 
 
 def _objects(s3, prefix: str) -> list[str]:
