@@ -115,7 +115,8 @@ class Cluster:
         self.killed: list[subprocess.Popen] = []
         self.tmp.mkdir(parents=True, exist_ok=True)
         # Ray's session folder holds Unix sockets, whose paths may not exceed 107 bytes: under a deep folder
-        # (pytest's, with a 7-digit PID in the session name) the head fails to start. A short one of its own.
+        # (pytest's tmp, start1/, Ray's session name with its PID) the head fails to start. A short one of its
+        # own, whose logs close() keeps in tmp/head-logs.
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="aigc-head-", dir="/tmp"))
         self.head = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=0", "--node-ip-address=127.0.0.1",
@@ -212,8 +213,7 @@ class Cluster:
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             time.sleep(1)
-        raise TimeoutError(f"{n} nodes not alive after {timeout} s; the logs are in {self.tmp} and "
-                           f"{self.ray_tmp}\n{self.logs()}")
+        raise TimeoutError(f"{n} nodes not alive after {timeout} s; the logs are in {self.tmp}\n{self.logs()}")
 
     def _processes(self) -> list[tuple[str, subprocess.Popen]]:
         return [("the head", self.head), *((f"node{i}", p) for i, p in enumerate(self.nodes)
