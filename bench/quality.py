@@ -6,7 +6,8 @@
 Every recipe trains in this process (no Ray, the same torch threads) on Fashion-MNIST 32x32 until D has
 seen --images real images, then its G (G_ema where the recipe keeps one) makes --fid-samples images from
 fixed seeds, scored by the standard FID (Inception) against the first --ref-images test images, and by
-the domain FID. One JSON line per run, then a table of mean +- sd per recipe with wall time and images/s.
+the domain FID (and, few-shot, the memorization audit's copy rate against the training images). One JSON
+line per run, then a table of mean +- sd per recipe with wall time and images/s.
 
 The canonical recipe is written out plainly below (pytorch/examples/dcgan at 32x32: nz 100, BCE, Adam
 2e-4 / beta1 0.5, batch 64, BatchNorm in G and D, no EMA); the other two are aigc_ray's train step with
@@ -107,8 +108,9 @@ def ours(ds: data.ImageSet, images: int, seed: int, overrides: dict) -> tuple[nn
     return g.eval(), time.perf_counter() - t0, cfg
 
 
-def score(g: nn.Module, latent: int, n: int, ref_images: int, dcfg: DataConfig) -> dict:
-    """Standard and domain FID of n images from fixed seeds against the test split's first ref_images."""
+def score(g: nn.Module, latent: int, n: int, ref_images: int, dcfg: DataConfig, limit: int = 0) -> dict:
+    """Standard and domain FID of n images from fixed seeds against the test split's first ref_images; with a
+    limit (few-shot), also the memorization audit's copy rate against the `limit` training images."""
     with torch.no_grad():
         gen = torch.Generator().manual_seed(2024)
         x = torch.cat([g(torch.randn(min(500, n - i), latent, generator=gen)) for i in range(0, n, 500)])
@@ -118,7 +120,23 @@ def score(g: nn.Module, latent: int, n: int, ref_images: int, dcfg: DataConfig) 
         ref = metrics.reference(dcfg, "test", metric, max_images=ref_images, log=lambda *a: None)
         stats = metrics.compute({"images": images}, metric, dcfg, "stats")
         out[metric.replace("-", "_")] = round(metrics.fid_from_stats(stats, ref["stats"]), 3)
+    if limit:
+        out["copy_rate"] = round(copies(images, DataConfig(dataset=dcfg.dataset, limit=limit)), 4)
     return out
+
+
+def copies(images: torch.Tensor, d: DataConfig, heldout: int = 1000) -> float:
+    """aigc-ray audit's copy rate (domain features): the share of samples nearer one of the d.limit training
+    images than all but 1% of held-out training images (those beyond the limit) are."""
+    from aigc_ray import audit
+
+    def feats(x):
+        return metrics.compute({"images": x}, "fid-domain", d, "features")
+
+    f_train = feats(data.load(d).images)
+    d_samples, _ = audit.nearest(feats(images), f_train)
+    d_held, _ = audit.nearest(feats(audit.heldout_images(d, heldout)[0]), f_train)
+    return audit.copy_rate(d_samples, d_held)[0]
 
 
 def main() -> None:
@@ -159,18 +177,20 @@ def main() -> None:
                 latent = cfg.model.latent_dim
             row = {"recipe": name, "seed": seed, "images_seen": budget, "train_images": len(ds),
                    "seconds": round(secs, 1), "images_per_s": round(budget / secs, 1),
-                   **score(g, latent, args.fid_samples, args.ref_images, dcfg)}
+                   **score(g, latent, args.fid_samples, args.ref_images, dcfg, args.few_shot)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    copy = " copy rate |" if args.few_shot else ""
     print(f"\n| recipe | FID (Inception, {args.fid_samples} vs {args.ref_images} test) | domain FID | "
-          "train s | images/s |\n|---|---|---|---|---|")
+          f"train s | images/s |{copy}\n|---|---|---|---|---|{'---|' if copy else ''}")
     for name, _ in runs:
         rs = [r for r in rows if r["recipe"] == name]
 
         def ms(k):
             v = [r[k] for r in rs]
             return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-        print(f"| {name} | {ms('fid')} | {ms('fid_domain')} | {ms('seconds')} | {ms('images_per_s')} |")
+        print(f"| {name} | {ms('fid')} | {ms('fid_domain')} | {ms('seconds')} | {ms('images_per_s')} |"
+              + (f" {ms('copy_rate')} |" if copy else ""))
 
 
 if __name__ == "__main__":
