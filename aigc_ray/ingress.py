@@ -141,9 +141,12 @@ def claim(port: int) -> None:
             raise PortInUse(f"--port {port}: another aigc-ray serve (pid {old['pid']}) serves it; stop it "
                             "first or pick another --port")
         for p in _holders(port):  # e.g. its HAProxy, if the kernel had not ended it yet
-            if str(d) in " ".join(p.cmdline()):
-                p.kill()
-                p.wait(10)
+            try:
+                if str(d) in " ".join(p.cmdline()):
+                    p.kill()
+                    p.wait(10)
+            except psutil.Error:  # it ended meanwhile (gone, or a zombie whose sockets are closed)
+                pass
     for p in _holders(port):
         try:
             what = " ".join(p.cmdline())[:80] or p.name()
