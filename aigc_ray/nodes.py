@@ -219,12 +219,15 @@ class Cluster:
         return [("the head", self.head), *((f"node{i}", p) for i, p in enumerate(self.nodes)
                                            if p not in self.killed)]
 
+    @property
+    def _ray_logs(self) -> Path:
+        return self.ray_tmp / "session_latest" / "logs"
+
     def logs(self, lines: int = 15) -> str:
         """The last lines of the head's and the nodes' output and of the head's Ray logs (a node's own Ray logs
         are in its namespace's /tmp, gone with it)."""
-        ray_logs = self.ray_tmp / "session_latest" / "logs"
         files = [self.tmp / "head.log", *sorted(self.tmp.glob("node*.log")),
-                 *(ray_logs / f for f in ("gcs_server.out", "raylet.out", "dashboard.log", "dashboard.err"))]
+                 *(self._ray_logs / f for f in ("gcs_server.out", "raylet.out", "dashboard.log", "dashboard.err"))]
         out = []
         for f in files:
             if f.is_file():
@@ -253,9 +256,8 @@ class Cluster:
             self.head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.head.pid, signal.SIGKILL)
-        logs = self.ray_tmp / "session_latest" / "logs"
-        if logs.is_dir():  # kept beside the nodes' logs; the sockets and the rest go
-            shutil.copytree(logs, self.tmp / "head-logs", dirs_exist_ok=True, ignore_dangling_symlinks=True)
+        if self._ray_logs.is_dir():  # kept beside the nodes' logs; the sockets and the rest go
+            shutil.copytree(self._ray_logs, self.tmp / "head-logs", dirs_exist_ok=True, ignore_dangling_symlinks=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self):

@@ -19,6 +19,7 @@ Writes <out>/gpu_check.json and prints one table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -151,7 +152,6 @@ def serve_load(checkpoint: str, use_gpu: bool, seconds: float, clients: int = 16
 def device_tests(device: str, out_dir: Path) -> dict:
     """Runs tests/test_gpu.py on device in this process (the Ray cluster already started is theirs too);
     writes their output to out_dir/tests.txt and returns the outcome counts."""
-    import contextlib
     import io
     from collections import Counter
 
@@ -182,15 +182,11 @@ def device_tests(device: str, out_dir: Path) -> dict:
 class Phases(dict):
     """Seconds per step of the check: `with phases("fid"): ...`."""
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def timed():
-            t0 = time.perf_counter()
-            yield
-            self[name] = round(time.perf_counter() - t0, 1)
-        return timed()
+        t0 = time.perf_counter()
+        yield
+        self[name] = round(time.perf_counter() - t0, 1)
 
 
 def main() -> None:
@@ -217,21 +213,20 @@ def main() -> None:
         ray.init(address="local", logging_level="WARNING", num_gpus=torch.cuda.device_count() if gpu else 0)
     with phases("device_tests"):
         report["tests"] = device_tests(device.type, out_dir)
-    t_training = time.perf_counter()
-    for size in sizes:
-        dsz = data.load(DataConfig(dataset="mnist-5k", image_size=size))
-        row = {"size": size}
-        for name, amp, kw in (("fp32", "none", {}), ("bf16", "bf16", {}), ("fp16", "fp16", {}),
-                              ("bf16+channels_last", "bf16", {"channels_last": True})):
-            row[name] = round(plain(device, size, amp, steps, batch, dsz, **kw), 1)
-        if gpu and size == 64:
-            try:
-                row["bf16+compile"] = round(plain(device, size, "bf16", steps, batch, dsz, compiled=True), 1)
-            except Exception as e:  # compile is an option, not a requirement: say why it is missing
-                row["bf16+compile"] = f"failed: {type(e).__name__}"
-        report["training"].append(row)
-        print(f"[gpu_check] {json.dumps(row)}", flush=True)
-    phases["training"] = round(time.perf_counter() - t_training, 1)
+    with phases("training"):
+        for size in sizes:
+            dsz = data.load(DataConfig(dataset="mnist-5k", image_size=size))
+            row = {"size": size}
+            for name, amp, kw in (("fp32", "none", {}), ("bf16", "bf16", {}), ("fp16", "fp16", {}),
+                                  ("bf16+channels_last", "bf16", {"channels_last": True})):
+                row[name] = round(plain(device, size, amp, steps, batch, dsz, **kw), 1)
+            if gpu and size == 64:
+                try:
+                    row["bf16+compile"] = round(plain(device, size, "bf16", steps, batch, dsz, compiled=True), 1)
+                except Exception as e:  # compile is an option, not a requirement: say why it is missing
+                    row["bf16+compile"] = f"failed: {type(e).__name__}"
+            report["training"].append(row)
+            print(f"[gpu_check] {json.dumps(row)}", flush=True)
 
     root = tempfile.mkdtemp(prefix="gpu_check_")
     size = 64 if gpu else 32
