@@ -10,8 +10,9 @@ binary:
 - the admin socket and its folder are private to the user (0600 / 0700), in a folder of this service;
 - the kernel kills HAProxy when the process that started it dies (PR_SET_PDEATHSIG), so a SIGKILLed
   `aigc-ray serve` leaves no HAProxy holding the port.
-Retries come from Ray's own knobs: a request whose replica died before answering (an empty response or a
-closed connection) is sent again, to another replica (`option redispatch`), at most RETRIES times. That is
+Retries come from Ray's own knobs: a request whose replica died before answering (an empty response, a
+closed connection, or the 500 Serve answers for a replica that died under it) is sent again, to another
+replica (`option redispatch`), at most RETRIES times. A 503 (overload) is never retried: it is refused at once. That is
 safe here because an answer depends only on (seed, n, options): the retried answer is byte-identical.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .config import ConfigError
 
-RETRY_ON = "conn-failure empty-response response-timeout junk-response"
+RETRY_ON = "conn-failure empty-response response-timeout junk-response 500"
 RETRIES = 2  # a request that kills every replica it reaches fails once, with a 5xx, not forever
 
 
