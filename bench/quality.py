@@ -95,17 +95,28 @@ def canonical(ds: data.ImageSet, images: int, seed: int) -> tuple[nn.Module, flo
     return g.eval(), time.perf_counter() - t0
 
 
-def ours(ds: data.ImageSet, images: int, seed: int, overrides: dict) -> tuple[nn.Module, float, Config]:
-    """aigc_ray's train step with a config, in a plain loop; returns G_ema (or G) and the wall time."""
+def ours(ds: data.ImageSet, images: int, seed: int, overrides: dict, every: int = 0,
+         on_the_way=lambda g, seen, secs, cfg: None) -> tuple[nn.Module, float, Config]:
+    """aigc_ray's train step with a config, in a plain loop; returns G_ema (or G) and the training time.
+    With `every`, on_the_way(G, images seen, training seconds so far, cfg) is called after every `every`
+    steps but the last (its time is not counted: the curve of one run, not a slower run)."""
     cfg = replace(Config(), {"data.dataset": "fashion-mnist", "train.seed": seed, **overrides})
     cfg = resolve(cfg, channels=1, num_classes=10, size=len(ds))
     state = train.build_state(cfg)
     batches = data.Batches(ds, cfg.train.batch_size, seed=seed)
-    t0 = time.perf_counter()
-    for _ in range(images // (cfg.train.batch_size * cfg.loss.n_critic)):
-        train.train_step(state, batches, cfg)
+    per_step = cfg.train.batch_size * cfg.loss.n_critic
+    steps, secs = images // per_step, 0.0
     g = state.g_ema if state.g_ema is not None else state.g
-    return g.eval(), time.perf_counter() - t0, cfg
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        train.train_step(state, batches, cfg)
+        secs += time.perf_counter() - t0
+        if every and step % every == 0 and step < steps:  # leaves the run as it was: same mode, same RNG
+            mode, rng = g.training, torch.get_rng_state()
+            on_the_way(g.eval(), step * per_step, secs, cfg)
+            g.train(mode)
+            torch.set_rng_state(rng)
+    return g.eval(), secs, cfg
 
 
 def score(g: nn.Module, latent: int, n: int, ref_images: int, dcfg: DataConfig, limit: int = 0) -> dict:
@@ -150,6 +161,8 @@ def main() -> None:
     p.add_argument("--few-shot", type=int, default=0, help="train on the first N images only, with and "
                    "without augmentation (new defaults), for --steps G steps")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--score-every", type=int, default=0, metavar="STEPS",
+                   help="also score aigc_ray's runs every STEPS train steps on the way (one row each): a curve")
     p.add_argument("--policies", nargs="+", default=["auto", "none"],
                    help="few-shot augmentation arms: auto (the default), none, a comma list of "
                    "color,translation,cutout, or ada (all three with adaptive p from 0) [auto none]")
@@ -169,17 +182,21 @@ def main() -> None:
         runs = [(r, {"old": OLD_DEFAULTS, "new": {}}.get(r)) for r in args.recipes]
     for name, overrides in runs:
         for seed in args.seeds:
+            def row(g, latent, seen, secs, final=True):
+                r = {"recipe": name, "seed": seed, "images_seen": seen, "train_images": len(ds),
+                     "seconds": round(secs, 1), "images_per_s": round(seen / secs, 1),
+                     **score(g, latent, args.fid_samples, args.ref_images, dcfg, args.few_shot)}
+                print(json.dumps(r if final else {**r, "on_the_way": True}), flush=True)
+                return r
+
             if overrides is None:
                 g, secs = canonical(ds, budget, seed)
                 latent = 100
             else:
-                g, secs, cfg = ours(ds, budget, seed, overrides)
+                g, secs, cfg = ours(ds, budget, seed, overrides, args.score_every,
+                                    lambda g, seen, t, cfg: row(g, cfg.model.latent_dim, seen, t, final=False))
                 latent = cfg.model.latent_dim
-            row = {"recipe": name, "seed": seed, "images_seen": budget, "train_images": len(ds),
-                   "seconds": round(secs, 1), "images_per_s": round(budget / secs, 1),
-                   **score(g, latent, args.fid_samples, args.ref_images, dcfg, args.few_shot)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(row(g, latent, budget, secs))
     copy = " copy rate |" if args.few_shot else ""
     print(f"\n| recipe | FID (Inception, {args.fid_samples} vs {args.ref_images} test) | domain FID | "
           f"train s | images/s |{copy}\n|---|---|---|---|---|{'---|' if copy else ''}")
