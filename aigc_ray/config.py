@@ -86,7 +86,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class AugmentConfig:
     policy: str = opt("auto", "DiffAugment of D's real and fake images: none, or a comma list of color, translation, "
-                              "cutout; auto: all three below augment.below training images, else none",
+                              "cutout; auto: translation,cutout below augment.below training images, else none",
                       flag="--augment")
     below: int = opt(10000, "policy auto augments datasets with fewer training images than this",
                      flag="--augment-below")
@@ -359,7 +359,7 @@ def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = Fal
         "loss.n_critic": lo.n_critic or (5 if lo.name == "wgan-gp" else 1),
         "train.amp": t.amp if t.amp != "auto" else ("bf16" if use_gpu else "none"),
         "augment.policy": cfg.augment.policy if cfg.augment.policy != "auto" else (
-            "color,translation,cutout" if 0 < size < cfg.augment.below else "none"),
+            "translation,cutout" if 0 < size < cfg.augment.below else "none"),
         "train.use_gpu": bool(use_gpu),
         "run.name": cfg.run.name or f"{d.dataset.split(':')[0]}-{lo.name}-{time.strftime('%Y%m%d-%H%M%S')}",
     }
