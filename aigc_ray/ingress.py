@@ -11,9 +11,9 @@ binary:
 - the kernel kills HAProxy when the process that started it dies (PR_SET_PDEATHSIG), so a SIGKILLed
   `aigc-ray serve` leaves no HAProxy holding the port.
 Retries come from Ray's own knobs: a request whose replica died before answering (an empty response, a
-closed connection, or the 500 Serve answers for a replica that died under it) is sent again, to another
-replica (`option redispatch`), at most RETRIES times. A 503 (overload) is never retried: it is refused at once. That is
-safe here because an answer depends only on (seed, n, options): the retried answer is byte-identical.
+closed connection, or a 500) is sent again, to another replica (`option redispatch`), at most RETRIES
+times. That is safe here because an answer depends only on (seed, n, options): the retried answer is
+byte-identical. A 503 (overload) is never retried: it is refused at once.
 """
 
 from __future__ import annotations
