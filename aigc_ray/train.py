@@ -401,7 +401,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             continue  # the window grows until the next log point that is due
         metrics = {k: float(v) for k, v in zip(keys, means)}
         metrics.update(step=s, images_seen=s * cfg.loss.n_critic * t.batch_size * world,
-                       images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / elapsed,
+                       # over the workers' mean window, the clock the choice to report was made on
+                       images_per_s=n_window * cfg.loss.n_critic * t.batch_size * world / mean_elapsed,
                        epoch=batches.i // batches.per_epoch)
         if state.private is not None:
             metrics.update(epsilon=state.private.epsilon(), delta=state.private.delta)
