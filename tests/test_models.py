@@ -45,9 +45,10 @@ def test_noise_is_seeded_and_truncation_bounds_it():
 def test_generate_is_deterministic_in_eval_mode():
     g = Generator(image_size=32, channels=1, latent_dim=16, ngf=8)
     z = noise(5, 16, seed=0)
-    assert torch.equal(generate(g, z, batch=2), generate(g, z, batch=2))
+    in_twos = generate(g, z, batch=2)
+    assert torch.equal(in_twos, generate(g, z, batch=2))
     # Eval mode: no image depends on its batch mates, up to float rounding. Bit for bit it may, since CPU
-    # kernels pick their algorithm by batch size (it does on AMD EPYC without AVX-512); the service pads to a
-    # fixed chunk for bytes that never change (tests/test_serve.py).
-    torch.testing.assert_close(generate(g, z, batch=2), generate(g, z), rtol=0, atol=1e-6)
+    # kernels pick their algorithm by batch size (they did on an AMD EPYC host); the service pads to a fixed
+    # chunk for bytes that never change (tests/test_serve.py).
+    torch.testing.assert_close(in_twos, generate(g, z), rtol=0, atol=1e-6)
     assert g.training  # restored
