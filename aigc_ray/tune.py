@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray.tune.schedulers import PopulationBasedTraining
+
 from . import storage as storage_mod
 from .config import Config, ConfigError, all_keys, replace, validate, with_cache
 from .metrics import METRIC_KEYS
@@ -324,7 +326,7 @@ def _check_scheduler(scheduler: str, raw_space: dict, num_trials: int, searcher:
 
 def _scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: int, grace_steps: int,
                perturb_every: int, quantile: float):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if scheduler == "asha":
         return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=2)
@@ -339,9 +341,24 @@ def _scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: in
                 config["space"][key] = type(config["space"][key])(min(max(config["space"][key], args[0]), args[1]))
         return config
 
-    return PopulationBasedTraining(time_attr="step", perturbation_interval=perturb_every,
-                                   hyperparam_mutations={"space": sampled}, quantile_fraction=quantile,
-                                   custom_explore_fn=within_bounds, synch=False)
+    return _PBT(max_steps, time_attr="step", perturbation_interval=perturb_every,
+                hyperparam_mutations={"space": sampled}, quantile_fraction=quantile,
+                custom_explore_fn=within_bounds, synch=False)
+
+
+class _PBT(PopulationBasedTraining):
+    """PBT that leaves a member's final report alone. A copy made there would start at the last step with
+    nothing left to train (a restart for nothing), and a donor checkpointed there would hand its copiers
+    that same final step. Members copy and are copied at their reports before max_steps."""
+
+    def __init__(self, max_steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self._max_steps = max_steps
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("step", 0) >= self._max_steps:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def Progress(metric_key: str, log=print):

@@ -100,6 +100,16 @@ def test_a_bad_pbt_space_from_the_command_line_is_exit_2(tmp_path):
     assert len(lines) == 1 and "PBT cannot change model.ndf" in lines[0]
 
 
+def test_pbt_leaves_a_members_final_report_alone():
+    # A copy made at max_steps would restart the member with nothing left to train; PBT's own state (which
+    # would hold this trial once it is added) is never consulted for it.
+    raw = {"optim.lr_g": {"loguniform": [1e-4, 3e-3]}}
+    pbt = tune._scheduler("pbt", raw, tune.parse_space(raw), max_steps=40, grace_steps=0, perturb_every=10,
+                          quantile=0.5)
+    assert pbt.on_trial_result(None, object(), {"step": 40}) == "CONTINUE"
+    assert pbt.on_trial_result(None, object(), {"step": 41}) == "CONTINUE"
+
+
 @pytest.mark.slow
 def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp_path):
     import torch
@@ -114,6 +124,7 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
     search = tmp_path / "p"
     lineage = pd.read_csv(search / "pbt_lineage.csv")
     assert len(lineage) >= 1 and best["copies"] == len(lineage)
+    assert (lineage["step"] < 40).all()  # never at a final report, where nothing would be left to train
     row = lineage.iloc[0]
     # The copy starts from the donor's checkpoint (G, D, EMA, both Adam states, step) under a run of its own...
     run = tmp_path / row["run"]
