@@ -315,7 +315,8 @@ def cmd_tune(args) -> dict:
                        workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
                        max_concurrent=args.max_concurrent, searcher=args.searcher,
                        eval_every=cfg.train.eval_every, eval_samples=cfg.train.eval_samples,
-                       scheduler=args.scheduler, perturb_every=args.perturb_every, quantile=args.quantile)
+                       scheduler=args.scheduler, perturb_every=args.perturb_every, quantile=args.quantile,
+                       seed=cfg.train.seed)
     print(tune.budget_line(best))
     return best
 

@@ -205,6 +205,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     eval_every: steps between FID reports, ASHA's rungs (0: max_steps / 6); eval_samples: images per FID.
     scheduler: asha (stop laggards), pbt (every perturb_every steps the worst `quantile` of the population
     copies a member of the best quantile and perturbs the PBT_MUTABLE keys; pbt_lineage.csv), none.
+    seed: every trial's train.seed, and the sampler's (random or Optuna): the same seed, the same configurations.
     """
     import ray
     from ray import tune
@@ -272,19 +273,22 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
         log(f"[aigc_ray] resuming search {name} from {search_dir}")
         tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        search_alg = None
         if searcher == "optuna":
             try:
                 from ray.tune.search.optuna import OptunaSearch
             except ImportError:
                 raise ConfigError("tune: --searcher optuna needs optuna: pip install 'aigc_ray[optuna]'") from None
-            search_alg = OptunaSearch(seed=seed)
+            search_alg, limit = OptunaSearch(seed=seed), concurrent
+        else:  # random: the seed fixes the sampled configurations, as it fixes Optuna's
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg, limit = BasicVariantGenerator(max_concurrent=concurrent, random_state=seed), None
         tuner = tune.Tuner(
             trainable,
             param_space={"base": base.to_dict(), "space": param_space, "metric_key": metric_key,
                          "search_dir": search_dir},
             tune_config=tune.TuneConfig(
-                metric=metric_key, mode="min", num_samples=num_trials, max_concurrent_trials=concurrent,
+                metric=metric_key, mode="min", num_samples=num_trials, max_concurrent_trials=limit,
                 search_alg=search_alg,
                 scheduler=_scheduler(scheduler, raw_space, param_space, max_steps, grace_steps, perturb_every,
                                      quantile)),
@@ -332,7 +336,10 @@ def _scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: in
         return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=2)
     if scheduler == "none":
         return FIFOScheduler()
-    sampled = {k: v for k, v in param_space.items() if isinstance(raw_space[k], dict)}
+    # A choice mutates to a neighbouring value (or a fresh draw) from its list; as a tune.choice Ray's PBT would
+    # multiply it by 0.8 or 1.2, off the list (an EMA decay of 0.999 x 1.2).
+    sampled = {k: (list(raw_space[k]["choice"]) if "choice" in raw_space[k] else v)
+               for k, v in param_space.items() if isinstance(raw_space[k], dict)}
 
     def within_bounds(config: dict) -> dict:  # a perturbed value (x0.8, x1.2) stays inside its range
         for key, spec in raw_space.items():

@@ -110,21 +110,45 @@ def test_pbt_leaves_a_members_final_report_alone():
     assert pbt.on_trial_result(None, object(), {"step": 41}) == "CONTINUE"
 
 
+def test_pbt_perturbs_a_choice_to_a_value_of_its_list_and_a_range_within_it():
+    from ray.tune.schedulers.pbt import _explore
+
+    pbt = tune._scheduler("pbt", tune.PBT_SPACE, tune.parse_space(tune.PBT_SPACE), max_steps=40, grace_steps=0,
+                          perturb_every=10, quantile=0.25)
+    config = {"space": {"optim.lr_g": 1e-3, "optim.lr_d": 5e-5, "optim.beta1": 0.5, "train.ema_decay": 0.999}}
+    seen = set()
+    for _ in range(200):
+        new, _ = _explore(config, pbt._hyperparam_mutations, pbt._resample_probability, pbt._perturbation_factors,
+                          pbt._custom_explore_fn)
+        space = new["space"]
+        assert space["train.ema_decay"] in (0.99, 0.999) and space["optim.beta1"] in (0.0, 0.5)
+        assert 5e-5 <= space["optim.lr_d"] <= 1e-3 and 5e-5 <= space["optim.lr_g"] <= 1e-3
+        seen.add(space["train.ema_decay"])
+    assert seen == {0.99, 0.999}
+
+
 @pytest.mark.slow
 def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp_path):
     import torch
 
     from aigc_ray import checkpoint as ckpt
 
-    space = {"optim.lr_g": {"loguniform": [1e-4, 3e-3]}, "optim.lr_d": {"loguniform": [1e-4, 3e-3]}}
-    kwargs = dict(name="p", storage=str(tmp_path), num_trials=4, max_steps=40, metric="fid-domain", space=space,
-                  max_concurrent=2, eval_every=10, eval_samples=200, scheduler="pbt", perturb_every=10, quantile=0.5)
+    # Seed 1 draws one member whose G barely moves (lr_g 1e-7) and one that learns; both run at once. The
+    # first stays behind the second even against its older scores (asynchronous PBT compares a member with
+    # the others' last reports), so it copies; between members that all learn, the one reporting is the
+    # furthest along and seldom behind, and a copy would be left to chance.
+    space = {"optim.lr_g": {"choice": [1e-7, 2e-3]}, "optim.lr_d": {"loguniform": [1e-4, 3e-3]}}
+    kwargs = dict(name="p", storage=str(tmp_path), num_trials=2, max_steps=60, metric="fid-domain", space=space,
+                  max_concurrent=2, eval_every=10, eval_samples=200, scheduler="pbt", perturb_every=10, quantile=0.5,
+                  seed=1)
     logs = []
     best = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=logs.append)
     search = tmp_path / "p"
+    first = pd.read_csv(search / "trials.csv").sort_values("step").groupby("trial_id")["lr_g"].first()
+    assert set(first) == {1e-7, 2e-3}  # the seed drew both kinds of member
     lineage = pd.read_csv(search / "pbt_lineage.csv")
     assert len(lineage) >= 1 and best["copies"] == len(lineage)
-    assert (lineage["step"] < 40).all()  # never at a final report, where nothing would be left to train
+    assert (lineage["step"] < 60).all()  # never at a final report, where nothing would be left to train
     row = lineage.iloc[0]
     # The copy starts from the donor's checkpoint (G, D, EMA, both Adam states, step) under a run of its own...
     run = tmp_path / row["run"]
