@@ -148,6 +148,9 @@ def train_domain(cfg: DataConfig, epochs: int = 5, seed: int = 0, log=print) -> 
         raise FeatureError(f"fid-domain: {cfg.dataset} has no labels to train a domain classifier on; "
                            "only the standard FID (--metric fid) applies")
     train, test = data.load(cfg, "train"), data.load(cfg, "test")
+    # A few minutes of silence on a first run would read as a hang: say what runs, and that it runs once.
+    log(f"[aigc_ray] training the domain classifier for fid-domain on {cfg.dataset} at {cfg.image_size}px "
+        f"({epochs} epochs of {len(train):,} images), once: later runs load it from the cache")
     torch.manual_seed(seed)
     net = DomainNet(train.images.shape[1], train.num_classes)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)

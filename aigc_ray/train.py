@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -361,7 +362,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     if resume is not None:
         load_state_dict(state, ckpt.load(resume, map_location=device), restore_rng=rank == 0)
         if rank == 0 and config["echo"] and not local:
-            print(f"[aigc_ray] worker group of {cfg.run.name} continues at step {state.step} ({resume})", flush=True)
+            # To the process's own stdout: Ray Train patches print in its workers to tee to a redirected
+            # stdout and to its logger, and the driver then showed this line twice.
+            print(f"[aigc_ray] worker group of {cfg.run.name} continues at step {state.step} ({resume})",
+                  file=sys.__stdout__, flush=True)
         if rank != 0:
             torch.manual_seed(t.seed + 7919 * rank + state.step)
     else:

@@ -128,3 +128,12 @@ def test_eval_a_checkpoint(tiny, capsys):
 def test_fid_domain_refuses_unlabeled_folders(tmp_path):
     with pytest.raises(features.FeatureError, match="only the standard FID"):
         features.train_domain(DataConfig(dataset=f"folder:{tmp_path}"))
+
+
+def test_training_the_domain_classifier_says_so_before_it_starts_and_learns_the_digits():
+    logs = []
+    net, acc = features.train_domain(DataConfig(dataset="mnist-5k"), epochs=1, log=logs.append)
+    assert len(logs) == 2
+    assert logs[0].startswith("[aigc_ray] training the domain classifier") and "5,000 images" in logs[0]
+    assert "test accuracy after 1 epochs" in logs[1]
+    assert acc > 0.5  # 10 classes: chance is 0.1
