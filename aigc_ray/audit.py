@@ -10,7 +10,8 @@ but not a copy" looks like. Reported:
   images are (a generator that makes new images scores ~0.01, one that replays its training set ~1);
 - MiFID (Kaggle's "Generative Dog Images" competition): FID against the training images, divided by the
   mean nearest-training distance of the samples when that is below 0.1 (else by 1), so copying is penalised;
-- audit_pairs.png: the closest samples beside their nearest training images, for a person to look at.
+- audit_pairs.png: the closest samples beside their nearest training images, for the owner to look at; never
+  for a DP run, whose audit reports numbers only (a picture of a training image is no DP release).
 
 Held-out images: the training split beyond data.limit when the run used --limit, else the test split.
 A folder (or mnist-5k) trained whole has none: train with --limit N to keep images back.
@@ -38,6 +39,9 @@ from .metrics import FeatureStats, _has_labels, compute, fid_from_stats, generat
 PERCENTILE = 1.0  # held-out images closer than this percentile count as "as close as a real new image gets"
 MIFID_EPS = 0.1  # Kaggle's cosine-distance threshold
 FEATURES = ("auto", "inception", "domain")
+PRIVATE_NOTE = ("DP run: numbers only, no training image is written; these numbers are computed on the training "
+                "images and are not covered by the run's epsilon")
+PAIRS_NOTE = "audit_pairs.png shows training photos beside the samples: keep it private"
 
 
 def nearest(query: torch.Tensor, ref: torch.Tensor, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,12 +127,16 @@ def run(checkpoint: str, *, num_samples: int = 1000, heldout: int = 1000, featur
         "fid_vs_train": fid, "mifid": mifid(fid, d_samples), "mifid_eps": MIFID_EPS,
         "privacy": meta.get("privacy"),
     }
-    # The closest samples beside their nearest training images: sample, training image, sample, ...
-    order = torch.argsort(d_samples)[:pairs]
-    side_by_side = torch.stack([torch.stack([samples[i], train_set.images[nn_samples[i]]]) for i in order])
-    png = png_bytes(grid(side_by_side.flatten(0, 1), nrow=8))
     out = out or storage.join(storage.parent(path), "audit", f"step{meta['step']:08d}")
-    result["pairs_png"] = storage.write_bytes(storage.join(out, "audit_pairs.png"), png)
+    if meta.get("privacy"):  # a DP run writes nothing that shows a training image: numbers only
+        result["pairs_png"] = None
+        result["note"] = PRIVATE_NOTE
+    else:  # the owner's tool: the closest samples beside their nearest training images (training photos!)
+        order = torch.argsort(d_samples)[:pairs]
+        side_by_side = torch.stack([torch.stack([samples[i], train_set.images[nn_samples[i]]]) for i in order])
+        png = png_bytes(grid(side_by_side.flatten(0, 1), nrow=8))
+        result["pairs_png"] = storage.write_bytes(storage.join(out, "audit_pairs.png"), png)
+        result["note"] = PAIRS_NOTE
     result["seconds"] = round(time.time() - t0, 1)
     result["json"] = storage.join(out, "audit.json")
     storage.write_text(result["json"], json.dumps(result, indent=2))  # last: its presence means complete
@@ -137,5 +145,5 @@ def run(checkpoint: str, *, num_samples: int = 1000, heldout: int = 1000, featur
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """What best.json, /info and the report carry of an audit."""
-    keys = ("copy_rate", "mifid", "features", "num_samples", "threshold", "heldout_from", "json", "pairs_png")
+    keys = ("copy_rate", "mifid", "features", "num_samples", "threshold", "heldout_from", "json", "pairs_png", "note")
     return {k: result[k] for k in keys}

@@ -228,6 +228,10 @@ def cmd_pipeline(args) -> dict:
     space = tune.load_space(args.search_space) if args.search_space else None
     tune.parse_space(space or pipeline.DEMO_SPACE)
     key = _api_key(args)
+    from . import privacy
+    from .config import replace, validate
+
+    validate(replace(cfg, {"train.eval_every": 1, "train.eval_metric": privacy.public_metric(cfg, "fid-domain")}))
     train.check_inputs(cfg)
     _choose_ingress(args)
     init_ray(args.address, num_cpus=args.num_cpus)
@@ -307,7 +311,9 @@ def cmd_tune(args) -> dict:
     space = tune.load_space(args.search_space)
     tune.parse_space(space)  # a bad space fails before Ray starts
     from . import train
+    from .config import replace, validate
 
+    validate(replace(cfg, {"train.eval_every": 1, "train.eval_metric": args.metric}))  # DP: ranked on public data
     train.check_inputs(cfg)
     init_ray(args.address, log_to_driver=args.verbose)  # one line per trial report comes from the driver
     best = tune.search(cfg, name=args.name or "search", storage=cfg.run.storage, num_trials=args.num_trials,

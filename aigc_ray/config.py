@@ -114,6 +114,9 @@ class TrainConfig:
     eval_every: int = opt(0, "compute eval_metric every this many steps (at checkpoints); 0: off")
     eval_metric: str = opt("fid-domain", "metric computed during training: fid-domain | fid")
     eval_samples: int = opt(2000, "generated images for the metric during training")
+    eval_dataset: str = opt("", "dataset whose test split (and domain classifier) scores the run; '': the training "
+                                "dataset's own. A DP run is scored only on data outside its private set: name a "
+                                "public one here (e.g. fashion-mnist for a private Fashion-MNIST subset)")
     max_failures: int = opt(3, "worker-group restarts from the last checkpoint before the run fails")
     seed: int = opt(0, "seed of weights, noise, data order and the fixed sample-grid noise")
 
@@ -315,6 +318,8 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0", t.eval_every)
     _check(t.eval_metric in METRICS, "train.eval_metric", f"must be one of {METRICS}", t.eval_metric)
     _check(t.eval_samples > 0, "train.eval_samples", "must be > 0", t.eval_samples)
+    if t.eval_dataset:
+        check_name(t.eval_dataset)
     _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
     _check(re.fullmatch(r"[A-Za-z0-9_.\-]*", cfg.run.name) is not None, "run.name",
            "may hold letters, digits, '.', '_' and '-' only", cfg.run.name)
@@ -339,15 +344,17 @@ def cache_root(d: DataConfig) -> str:
     return d.cache or os.environ.get("AIGC_RAY_CACHE") or "~/.cache/aigc_ray"
 
 
-def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False, size: int = 0) -> Config:
-    """Make every 'auto' value concrete, given what the dataset (size: training images) and cluster are."""
+def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False, size: int = 0,
+            spent: list | None = None) -> Config:
+    """Make every 'auto' value concrete, given what the dataset (size: training images) and cluster are;
+    spent: the DP accountant history of the checkpoint the run resumes from."""
     import time
 
     from . import privacy
 
     cfg = with_cache(cfg)
     if size:  # DP first: it picks D's normalisation, and sigma or the last step from epsilon
-        cfg = replace(cfg, privacy.resolved(cfg, size))
+        cfg = replace(cfg, privacy.resolved(cfg, size, spent))
     lo, m, t, d = cfg.loss, cfg.model, cfg.train, cfg.data
     if m.conditional and num_classes <= 0:
         raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")

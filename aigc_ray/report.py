@@ -92,10 +92,10 @@ def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
     except OSError as e:
         pics.append(("", f"the endpoint did not answer: {e}"))
 
-    if audit.get("pairs_png") and storage.exists(audit["pairs_png"]):
+    if audit.get("pairs_png") and not privacy and storage.exists(audit["pairs_png"]):  # never for a DP run
         (out / "audit_pairs.png").write_bytes(storage.read_bytes(audit["pairs_png"]))
         pics.append(("audit_pairs.png", "memorization audit: the closest samples, each beside its nearest "
-                                        "training image"))
+                                        "training image. CONTAINS TRAINING PHOTOS: keep this report private"))
     md_table, html_table = _table(search.get("table", []))
     if "copy_rate" in audit:
         copying = (f"copy rate {audit['copy_rate']:.3f} of {audit['num_samples']} samples (nearer a training image "
@@ -104,8 +104,13 @@ def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
     else:
         copying = audit.get("skipped", "not run")
     private = (f"epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g} (DP-SGD on D, sigma "
-               f"{privacy['noise_multiplier']:.3f}, C {privacy['max_grad_norm']:g})" if privacy
+               f"{privacy['noise_multiplier']:.3f}, C {privacy['max_grad_norm']:g}), "
+               f"{privacy.get('covers', 'covering this run')}" if privacy
                else "not trained with differential privacy")
+    if privacy and privacy.get("search"):
+        private += f"; {privacy['search']['statement']}"
+    if privacy and audit.get("note"):
+        copying += f" ({audit['note']})"
     facts = [
         ("served model", f"{final['checkpoint']} (step {final['step']})"),
         ("standard FID (Inception)", f"{fid['value']:.2f} ({fid['num_samples']} samples vs "

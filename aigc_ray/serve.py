@@ -105,7 +105,8 @@ class Sampler:
         out = {"checkpoint": self.path, "step": self.meta["step"], "version": self.version,
                "config": self.cfg.to_dict(), "conditional": self.cfg.model.conditional,
                "num_classes": self.cfg.model.num_classes, "image_size": self.cfg.data.image_size}
-        out["privacy"] = self.meta.get("privacy")  # epsilon and delta of a DP run; None: not trained with DP
+        # epsilon and delta of a DP run and what they cover (with a search's cost, from best.json); None: no DP
+        out["privacy"] = (self.best or {}).get("privacy") or self.meta.get("privacy")
         if self.best:
             out.update(metric=self.best.get("metric"), value=self.best.get("value"), trial_id=self.best.get("trial_id"))
             out["audit"] = self.best.get("audit")  # the memorization audit's copy rate, when the pipeline ran it

@@ -45,6 +45,7 @@ R1_EVERY = 16  # lazy R1 (StyleGAN2): every 16th D update, weighted 16x
 # (checkpoints and evaluations always), deciding together from their mean clock.
 REPORT_EVERY_S = 2.5
 ADA_INTERVAL = 4  # D steps between moves of the adaptive augmentation strength (ADA's)
+PRIVATE_STATS = ("loss_d", "d_real", "r_t", "r1")  # computed on training images: a DP run never reports them
 
 
 class TrainingFailed(RunError):
@@ -189,8 +190,10 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
     stats.update(d_stats, **g_stats, loss_d=loss_d.detach().float(), loss_g=loss_g.detach().float())
     if aug.on:
         stats["aug_p"] = torch.tensor(aug.p)
-    if private:
-        stats["real_batch"] = torch.tensor(float(real.shape[0]))
+    if private:  # only what DP covers leaves the step: nothing computed on the real images (their loss, D's
+        # scores of them, the Poisson batch's size) reaches the progress lines, TensorBoard or a checkpoint
+        for k in PRIVATE_STATS:
+            stats.pop(k, None)
     return stats
 
 
@@ -275,8 +278,9 @@ def progress_line(m: dict[str, Any], total: int, layout: str = "") -> str:
     evals = "".join(f" {k}={m[k]:.2f}" for k in ("fid", "fid_domain") if k in m)
     extra += f" aug p={m['aug_p']:.2f}" if "aug_p" in m else ""
     extra += f" eps={m['epsilon']:.2f} (delta {m['delta']:g})" if "epsilon" in m else ""
+    loss_d = f"loss_d={m['loss_d']:.3f}" if "loss_d" in m else "loss_d=private"
     return (f"[aigc_ray] step {m['step']}/{total} ({100 * m['step'] / total:.0f}%) "
-            f"loss_d={m['loss_d']:.3f} loss_g={m['loss_g']:.3f}{extra}{evals} "
+            f"{loss_d} loss_g={m['loss_g']:.3f}{extra}{evals} "
             f"{m['images_per_s']:.0f} img/s, {m['images_seen']} images seen" + (f", {layout}" if layout else ""))
 
 
@@ -371,8 +375,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     else:
         torch.manual_seed(t.seed + 7919 * rank)
     if state.private is not None:
-        batches = privacy.PoissonBatches(data, state.private.q, seed=t.seed, rank=rank, world=world,
-                                         start=state.step * cfg.loss.n_critic, device=device)
+        # DP's sampling: a secret seed from OS entropy, shared by the workers, never from train.seed.
+        batches = privacy.PoissonBatches(data, state.private.q, seed=privacy.secret_seed(device), rank=rank,
+                                         world=world, start=state.step * cfg.loss.n_critic, device=device)
     else:
         batches = data_mod.Batches(data, t.batch_size, seed=t.seed * 1000 + rank,
                                    start=state.step * cfg.loss.n_critic, device=device)
@@ -491,11 +496,13 @@ def _prune(run_dir: str, keep: int) -> None:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Before Ray starts: the storage can be written (bucket, credentials, endpoint) and the dataset is there."""
+    """Before Ray starts: the storage can be written (bucket, credentials, endpoint) and the dataset is there;
+    a DP run's delta fits its data, and resuming it keeps its epsilon true."""
     storage.check(cfg.run.storage)
     data_mod.ensure(cfg.data)
-    if privacy.enabled(cfg):
-        privacy.check(cfg, data_mod.size(cfg.data))  # delta against the training images
+    spent = spent_privacy(cfg)
+    if privacy.enabled(cfg):  # delta against the training images; sigma or the step cap within what is left
+        privacy.resolved(cfg, data_mod.size(cfg.data), spent)
 
 
 def make_inputs(cfg: Config, local: bool = False) -> dict[str, Any]:
@@ -593,7 +600,24 @@ def prepare(cfg: Config, concurrent: int = 1) -> Config:
     else:
         workers, cpus = plan_workers(t.num_workers, t.cpus_per_worker, use_gpu, alive_nodes(), concurrent)
     cfg = replace(cfg, {"train.num_workers": workers, "train.cpus_per_worker": cpus})
-    return resolve(cfg, channels=channels, num_classes=num_classes, use_gpu=use_gpu, size=data_mod.size(cfg.data))
+    return resolve(cfg, channels=channels, num_classes=num_classes, use_gpu=use_gpu, size=data_mod.size(cfg.data),
+                   spent=spent_privacy(cfg))
+
+
+def _latest_meta(cfg: Config) -> dict[str, Any] | None:
+    """meta.json of the checkpoint a run of this name would resume from; None for a new run."""
+    if not cfg.run.name:
+        return None
+    try:
+        return ckpt.read_meta(ckpt.find(run_dir_of(cfg)))
+    except ckpt.CheckpointError:
+        return None
+
+
+def spent_privacy(cfg: Config) -> list | None:
+    """The DP accountant history the run resumes with (None: a new or non-DP run); refuses a resume whose
+    epsilon would be untrue."""
+    return privacy.resume_history(cfg, _latest_meta(cfg))
 
 
 def run_dir_of(cfg: Config) -> str:
@@ -639,7 +663,7 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
     if not quiet:
         _say_resume(cfg, run_dir)
         if privacy.enabled(cfg):
-            print(privacy.describe(cfg, data_mod.size(cfg.data)), flush=True)
+            print(privacy.describe(cfg, data_mod.size(cfg.data), spent_privacy(cfg)), flush=True)
     cbs = list(callbacks or [])
     if not local:
         cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet, layout=layout(cfg)))

@@ -25,6 +25,7 @@ from ray.tune.schedulers import PopulationBasedTraining
 
 from . import storage as storage_mod
 from .config import Config, ConfigError, all_keys, replace, validate, with_cache
+from . import metrics as metrics_mod
 from .metrics import METRIC_KEYS
 
 PBT_SPACE: dict[str, Any] = {  # --scheduler pbt's default: what a running member may change
@@ -239,7 +240,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     if gpus_per_trial and workers_per_trial > resources.get("GPU", 0):
         raise ConfigError(f"tune: {workers_per_trial} GPU workers per trial, the cluster has "
                           f"{resources.get('GPU', 0):g} GPUs")
-    if metric == "fid-domain" and not data_mod.info(base.data)[1]:
+    if metric == "fid-domain" and not data_mod.info(metrics_mod.scoring_data(base))[1]:
         raise ConfigError("tune: fid-domain needs a labeled dataset; use --metric fid")
     train.check_inputs(base)
     # As many trials at a time as the cluster holds (ASHA gains from breadth), then the CPUs split
@@ -448,13 +449,35 @@ def _report(grid, search_dir: str, metric_key: str, max_steps: int, log, schedul
             "config": json.loads(storage_mod.read_text(storage_mod.join(win["checkpoint"], "config.json"))),
             "steps_run": int(sum(r["steps"] for r in rows)), "steps_full_grid": len(rows) * max_steps,
             "copies": 0 if lineage is None else len(lineage), "scheduler": scheduler,
-            "privacy": read_meta(win["checkpoint"]).get("privacy")}
+            "privacy": _search_privacy(rows, win, metric_key)}
     write(storage_mod.join(search_dir, "best.json"), json.dumps(best, indent=2))
     best["best_json"] = storage_mod.join(search_dir, "best.json")
     best["table"] = table.astype(object).where(table.notna(), None).to_dict("records")
     best["worst_value"] = max(r[f"best_{metric_key}"] for r in ranked)
     best["trials"] = len(rows)
     return best
+
+
+def _search_privacy(rows: list[dict], win: dict, metric_key: str) -> dict[str, Any] | None:
+    """The winner's privacy statement, with what the choice among the DP trials costs (all trials composed)."""
+    from . import privacy
+    from .checkpoint import CheckpointError, find, read_meta
+
+    own = read_meta(win["checkpoint"]).get("privacy")
+    if not own:
+        return None
+    histories = {}
+    for r in rows:  # each trial's whole spend: the history of its run's latest checkpoint
+        try:
+            latest = read_meta(find(storage_mod.parent(r["checkpoint"]))) if r["checkpoint"] else None
+        except CheckpointError:
+            latest = None
+        if latest and latest.get("privacy"):
+            histories[r["trial"]] = privacy.history_of(latest["privacy"])
+    cfg = win["_config"].get("base", {})
+    on = cfg.get("train", {}).get("eval_dataset") or cfg.get("data", {}).get("dataset")
+    return {**own, "search": privacy.search_privacy(histories, win["trial"], own["delta"],
+                                                    f"{metric_key} on {on}'s test split")}
 
 
 def _lineage(search_dir: str):

