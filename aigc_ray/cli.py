@@ -1,4 +1,4 @@
-"""The `aigc-ray` command: train, sample, eval, fid-ref, tune, serve, demo.
+"""The `aigc-ray` command: train, sample, eval, audit, fid-ref, tune, serve, pipeline, demo, forget.
 
     aigc-ray train --dataset fashion-mnist --loss wgan-gp --num-workers 2 --steps 2000 --name fm-wgan
     aigc-ray sample --checkpoint ~/aigc_ray/runs/fm-wgan --n 64 --seed 0 --out grid.png
@@ -104,8 +104,8 @@ def cmd_sample(args) -> dict:
     if args.url:
         from .client import Client
 
-        png = Client(args.url, token=_read_key(args.token_file)).grid(n=n, seed=args.seed, truncation=args.truncation,
-                                                                      cls=args.cls)
+        png = Client(args.url, token=_read_key(args.token_file), ca_file=args.ca_file).grid(
+            n=n, seed=args.seed, truncation=args.truncation, cls=args.cls)
         from pathlib import Path
 
         Path(args.out).write_bytes(png)
@@ -144,7 +144,9 @@ def _choose_ingress(args) -> None:
 
     if not args.address:
         ingress.claim(args.port)  # what a hard-killed predecessor left on the port goes; another holder is named
-        if args.ingress == "haproxy" and _loopback(args.host):
+        if args.ingress == "haproxy" and _tls(args):  # Ray's HAProxy template has no TLS; Serve's proxy has
+            print("[aigc_ray] HTTPS through Serve's proxy (Ray's HAProxy ingress speaks plain HTTP)", flush=True)
+        elif args.ingress == "haproxy" and _loopback(args.host):
             for k, v in ingress.haproxy_env(args.port).items():
                 os.environ.setdefault(k, v)
         elif args.ingress == "haproxy":  # Ray binds the replicas' own HTTP ports to the same host: keep them in
@@ -173,14 +175,40 @@ def _loopback(host: str) -> bool:
 
 
 def _api_key(args) -> str | None:
-    """The service's API key; required when --host is not loopback."""
+    """The service's API key; required when --host is not loopback, and then over HTTPS (or said otherwise)."""
     key = _read_key(args.token_file)
     if key is not None and len(key) < 16:
         raise ConfigError("--token-file: the API key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
     if not _loopback(args.host) and key is None:
         raise ConfigError(f"--host {args.host}: serving beyond this machine needs an API key: --token-file FILE "
                           "(or AIGC_RAY_TOKEN); clients then send Authorization: Bearer <key>")
+    if not _loopback(args.host) and not _tls(args) and not args.insecure_http:
+        raise ConfigError(f"--host {args.host}: the API key and the images would cross the network in clear text: "
+                          "give --tls-cert FILE --tls-key FILE (HTTPS), or --insecure-http behind a gateway that "
+                          "terminates TLS")
     return key
+
+
+def _tls(args) -> dict[str, str]:
+    """Serve's HTTPS options from --tls-cert/--tls-key ({} for plain HTTP); the pair must load."""
+    import ssl
+
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if not cert and not key:
+        return {}
+    if not (cert and key):
+        raise ConfigError("--tls-cert and --tls-key go together: the certificate (PEM, with its chain) and its key")
+    cert, key = os.path.abspath(os.path.expanduser(cert)), os.path.abspath(os.path.expanduser(key))
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--tls-cert/--tls-key: cannot load {cert} with {key}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
+
+
+def _scheme(args) -> str:
+    return "https" if _tls(args) else "http"
 
 
 def _wait_for_ctrl_c() -> None:
@@ -201,18 +229,18 @@ def cmd_serve(args) -> dict:
         raise ConfigError("serve: give --checkpoint PATH or --best best.json")
     from .checkpoint import find, read_best
 
-    key = _api_key(args)
+    key, tls = _api_key(args), _tls(args)
     read_best(args.best) if args.best else find(args.checkpoint)  # a bad path fails before Ray starts
     _choose_ingress(args)
     init_ray(args.address)
-    serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port})
+    serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port, **tls})
     app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n,
                               token_sha256=token_sha256(key) if key else None),
                     min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
                     max_queued_requests=args.max_queued_requests)
     serve.run(app, name="aigc", route_prefix="/")
-    url = f"http://{args.host}:{args.port}"
+    url = f"{_scheme(args)}://{args.host}:{args.port}"
     print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C stops.", flush=True)
     if not args.detach:
         _wait_for_ctrl_c()
@@ -240,7 +268,7 @@ def cmd_pipeline(args) -> dict:
                        final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
                        fid_samples=args.fid_samples, ref_images=args.ref_images, space=space,
                        max_concurrent=args.max_concurrent, host=args.host, port=args.port,
-                       proxy_location=args.proxy_location, api_key=key)
+                       proxy_location=args.proxy_location, api_key=key, tls=_tls(args))
     print(f"\nDone in {out['seconds']:.0f} s: standard FID {out['fid']:.2f} ({out['fid_samples']} samples).")
     print(f"Playground: {out['playground']}\nReport:     {out['report']}", flush=True)
     if args.keep_serving:
@@ -327,6 +355,13 @@ def cmd_tune(args) -> dict:
     return best
 
 
+def cmd_forget(args) -> dict:
+    from . import forget
+
+    store = args.storage or os.environ.get("AIGC_RAY_STORAGE") or "~/aigc_ray/runs"
+    return forget.forget(args.dataset, store, yes=args.yes, caches=tuple(args.cache or ()))
+
+
 def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool) -> None:
     p.add_argument("--name", default=name, help=f"pipeline folder under --storage [{name}]")
     p.add_argument("--num-trials", type=int, default=4, help="search trials [4]")
@@ -341,6 +376,10 @@ def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool
     p.add_argument("--host", default="127.0.0.1", help="address Serve binds [127.0.0.1]; another needs --token-file")
     p.add_argument("--token-file", metavar="FILE", help="API key of the service [$AIGC_RAY_TOKEN]")
     p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port [8000]")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM, with its chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--insecure-http", action="store_true",
+                    help="allow plain HTTP on a non-loopback --host (only behind a gateway that terminates TLS)")
     p.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"], help="on a local cluster [haproxy]")
     _proxy_location_flag(p)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster [all]")
@@ -380,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--best", help="best.json of a search (a path or URI): sample its checkpoint")
     s.add_argument("--url", help="sample from a running aigc-ray service instead, e.g. http://127.0.0.1:8000")
     s.add_argument("--token-file", metavar="FILE", help="the service's API key, with --url [$AIGC_RAY_TOKEN]")
+    s.add_argument("--ca-file", metavar="FILE", help="with an https:// --url: the CA (or self-signed certificate) "
+                   "to trust [the system's CAs]")
     s.add_argument("--n", type=int, default=64, help="images in the grid [64]")
     s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images [0]")
     s.add_argument("--truncation", type=float, default=None, help="redraw |z| above this (truncation trick)")
@@ -421,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="API key (>= 16 characters): every endpoint but / and /healthz then needs "
                          "Authorization: Bearer <key> [$AIGC_RAY_TOKEN]")
     sv.add_argument("--port", type=int, default=8000, help="[8000]")
+    sv.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM, with its chain)")
+    sv.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    sv.add_argument("--insecure-http", action="store_true",
+                    help="allow plain HTTP on a non-loopback --host (only behind a gateway that terminates TLS)")
     sv.add_argument("--max-n", type=int, default=64, help="most images per request [64]")
     sv.add_argument("--min-replicas", type=int, default=1)
     sv.add_argument("--max-replicas", type=int, default=1)
@@ -475,6 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None)
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_fid_ref)
+
+    fg = sub.add_parser("forget", help="list (and with --yes delete) everything derived from a folder of photos")
+    fg.add_argument("--dataset", required=True, help="folder:PATH, as it was given to train, tune or pipeline")
+    fg.add_argument("--storage", default=None, help="where the runs live [$AIGC_RAY_STORAGE, else ~/aigc_ray/runs]")
+    fg.add_argument("--cache", action="append", help="another cache folder to search (repeatable)")
+    fg.add_argument("--yes", action="store_true", help="delete what is listed (without it: list only)")
+    fg.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    fg.set_defaults(fn=cmd_forget)
 
     pl = sub.add_parser("pipeline", help="search -> train the winner -> standard FID -> deploy -> report")
     add_config_flags(pl, skip=("run.name", "train.steps", "train.num_workers", "train.eval_metric"))

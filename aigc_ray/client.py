@@ -1,6 +1,7 @@
 """A small client for the aigc_ray sampling service (standard library only).
 
-    c = Client("http://127.0.0.1:8000")         # Client(url, token=KEY) for a service that asks for a key
+    c = Client("http://127.0.0.1:8000")         # Client(url, token=KEY) for a service that asks for a key;
+                                                # Client("https://...", ca_file="cert.pem") over TLS
     png = c.grid(n=16, seed=0)                  # bytes of one PNG grid
     arrays = c.generate(n=4, seed=1, format="npy")   # uint8 (4, H, W, C)
 """
@@ -26,8 +27,21 @@ class ServiceError(ConfigError):
 
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, timeout: float = 60,
-                 token: str | None = None):
+                 token: str | None = None, ca_file: str | None = None):
+        import ssl
+        from urllib.parse import urlsplit
+
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ConfigError(f"--url: must look like http(s)://HOST:PORT, got {url!r}")
         self.url, self.model, self.timeout, self.token = url.rstrip("/"), model, timeout, token
+        self.context = None
+        if self.url.startswith("https://"):  # the system's CAs, or the one given (a self-signed certificate)
+            try:
+                self.context = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"--ca-file: cannot load {ca_file}: {getattr(e, 'strerror', None) or e}") from None
+        elif ca_file:
+            raise ConfigError("--ca-file: only with an https:// --url")
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, str]:
         headers = {"content-type": "application/json"}
@@ -39,7 +53,7 @@ class Client:
         req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         for attempt in range(RETRIES + 1):
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as r:
                     return r.read(), r.headers.get("content-type", "")
             except (http.client.RemoteDisconnected, ConnectionResetError, http.client.IncompleteRead) as e:
                 # The connection closed before a whole answer came (a replica or the ingress went away

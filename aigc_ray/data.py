@@ -221,9 +221,20 @@ def decode_files(uris: list[str], size: int, channels: int, crop: int | None = N
         raise
 
 
-def _cached(cache: str, key: str, make) -> np.ndarray:
-    """Decoded image arrays are cached by content key under <cache>/decoded (decoding is slow)."""
-    uri = storage.join(storage.normalize(cache), "decoded", f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+def dataset_id(name: str) -> str:
+    """How caches name a dataset: its name, or for a folder a hash of where it is, so no folder path, file name
+    or photo metadata ever reaches a cache's file names (`aigc-ray forget` finds them by it)."""
+    if name.startswith("folder:"):
+        where = storage.normalize(name[len("folder:"):]).rstrip("/")
+        return "folder-" + hashlib.sha1(where.encode()).hexdigest()[:12]
+    return name
+
+
+def _cached(cache: str, ident: str, key: str, make) -> np.ndarray:
+    """Decoded image arrays (pixels only) are cached under <cache>/decoded as <dataset id>-<hash of the content
+    key>.npy (decoding is slow)."""
+    uri = storage.join(storage.normalize(cache), "decoded",
+                       f"{ident}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
     if storage.exists(uri):
         return np.load(io.BytesIO(storage.read_bytes(uri)))
     arr = make()
@@ -256,7 +267,7 @@ def _folder_files(cfg: DataConfig) -> list[storage.Entry]:
 def _folder(cfg: DataConfig, channels: int) -> np.ndarray:
     files = _folder_files(cfg)
     key = "|".join(f"{f.uri}:{f.size}:{f.mtime_ns}" for f in files)
-    return _cached(cache_root(cfg), f"folder|{cfg.image_size}|{channels}|{key}",
+    return _cached(cache_root(cfg), dataset_id(cfg.dataset), f"folder|{cfg.image_size}|{channels}|{key}",
                    lambda: decode_files([f.uri for f in files], cfg.image_size, channels))
 
 
@@ -271,7 +282,7 @@ def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
                         f"({type(e).__name__})") from None
     files = [str(Path(ds.root) / ds.base_folder / "img_align_celeba" / f) for f in ds.filename]
     # The usual CelebA protocol: a 108x108 center crop of the aligned 178x218 faces, then resize.
-    return _cached(cache_root(cfg), f"celeba|{split}|{cfg.image_size}|{channels}|{root}",
+    return _cached(cache_root(cfg), "celeba", f"celeba|{split}|{cfg.image_size}|{channels}|{root}",
                    lambda: decode_files(files, cfg.image_size, channels, crop=108))
 
 

@@ -137,7 +137,7 @@ def _domain_key(cfg: DataConfig) -> str:
     from . import data
 
     channels = cfg.channels or data.info(cfg)[0]
-    return f"domain-{cfg.dataset}-{cfg.image_size}px-{channels}ch"
+    return f"domain-{data.dataset_id(cfg.dataset)}-{cfg.image_size}px-{channels}ch"
 
 
 def train_domain(cfg: DataConfig, epochs: int = 5, seed: int = 0, log=print) -> tuple[DomainNet, float]:

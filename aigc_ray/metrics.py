@@ -214,8 +214,7 @@ def reference(data_cfg: DataConfig, split: str, metric: str, num_workers: int = 
         ds.images = ds.images[:max_images]
     ext = extractor(metric, data_cfg)
     digest = hashlib.sha1(ds.images.numpy().tobytes()).hexdigest()[:12]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in data_cfg.dataset.replace("://", "-"))
-    name = f"{safe}-{split}-{data_cfg.image_size}px-{ext.id}-{digest}"
+    name = f"{data.dataset_id(data_cfg.dataset)}-{split}-{data_cfg.image_size}px-{ext.id}-{digest}"
     uri = cache_uri(data_cfg, "fid_refs", f"{name}.npz")
     if storage.exists(uri):
         z = np.load(io.BytesIO(storage.read_bytes(uri)))
@@ -231,7 +230,7 @@ def reference(data_cfg: DataConfig, split: str, metric: str, num_workers: int = 
     np.savez(buf, n=stats.n, s1=stats.s1.numpy(), s2=stats.s2.numpy(), features=feats.float().numpy())
     storage.write_bytes(uri, buf.getvalue())
     storage.write_text(cache_uri(data_cfg, "fid_refs", f"{name}.json"), json.dumps({
-        "dataset": data_cfg.dataset, "split": split, "image_size": data_cfg.image_size,
+        "dataset": data.dataset_id(data_cfg.dataset), "split": split, "image_size": data_cfg.image_size,
         "channels": int(ds.images.shape[1]), "extractor": ext.id, "images": len(ds), "images_sha1": digest,
         "resize": "bilinear to 299x299, then (x - 128) / 128" if ext.name == "inception" else "none",
         "seconds": round(time.time() - t0, 1), "made": time.strftime("%Y-%m-%d %H:%M:%S"),

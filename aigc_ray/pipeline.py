@@ -26,7 +26,7 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
         final_steps: int = 1000, final_workers: int = -1, metric: str = "fid-domain", eval_samples: int = 1000,
         fid_samples: int = 500, ref_images: int = 500, space: dict | None = None, max_concurrent: int = 0,
         host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", app_name: str = "aigc",
-        api_key: str | None = None, log=print) -> dict[str, Any]:
+        api_key: str | None = None, tls: dict | None = None, log=print) -> dict[str, Any]:
     """Run the pipeline on the connected Ray cluster; returns the URL, the report path and the figures."""
     import ray
     from ray import serve
@@ -104,21 +104,22 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
 
     # [4] Deploy to Ray Serve; a failed deployment is removed again.
     t3 = time.time()
-    log(f"[aigc_ray] 4/5 deploy {best_json} to Ray Serve at http://{host}:{port}/")
-    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+    log(f"[aigc_ray] 4/5 deploy {best_json} to Ray Serve at {'https' if tls else 'http'}://{host}:{port}/")
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port, **(tls or {})})
     try:
         serve.run(build_app(ServeArgs(best=best_json, token_sha256=token_sha256(api_key) if api_key else None)),
                   name=app_name, route_prefix="/")
     except Exception:
         serve.delete(app_name)
         raise
-    url = f"http://{host}:{port}"
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
     stages["deploy"] = time.time() - t3
 
     # [5] The report, with an image fetched from the live endpoint.
     log("[aigc_ray] 5/5 report")
     stages["total"] = time.time() - t0
     path = report.write(root, search=best, final=final, fid=fid, url=url, stages=stages, api_key=api_key,
+                        ca_file=(tls or {}).get("ssl_certfile"),
                         audit=audited, privacy=served["privacy"])
     return {"url": url, "playground": url + "/", "report": str(path), "fid": fid["value"],
             "fid_samples": fid_samples, "best_json": best_json, "checkpoint": final["checkpoint"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import shutil
+import ssl
 import tempfile
 import time
 import urllib.request
@@ -59,12 +60,14 @@ def _table(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float],
-          api_key: str | None = None, audit: dict | None = None, privacy: dict | None = None) -> str:
-    """Write <root>/report/ (root: any storage location); returns the URI of report.html."""
+          api_key: str | None = None, audit: dict | None = None, privacy: dict | None = None,
+          ca_file: str | None = None) -> str:
+    """Write <root>/report/ (root: any storage location); returns the URI of report.html. ca_file: the
+    certificate to trust when the live endpoint speaks HTTPS with a self-signed one."""
     out = Path(tempfile.mkdtemp(prefix="aigc_report_"))
     try:
         _write(out, search=search, final=final, fid=fid, url=url, stages=stages, api_key=api_key, audit=audit or {},
-               privacy=privacy)
+               privacy=privacy, ca_file=ca_file)
         dest = storage.join(root, "report")
         storage.publish_dir(out, dest, last="report.html")
         return storage.join(dest, "report.html")
@@ -73,7 +76,7 @@ def write(root: str, *, search: dict, final: dict, fid: dict, url: str, stages: 
 
 
 def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages: dict[str, float],
-           api_key: str | None, audit: dict, privacy: dict | None) -> None:
+           api_key: str | None, audit: dict, privacy: dict | None, ca_file: str | None = None) -> None:
     pics: list[tuple[str, str]] = []
     search_png = storage.join(search["search"], "fid_vs_step.png")
     if storage.exists(search_png):
@@ -86,7 +89,8 @@ def _write(out: Path, *, search: dict, final: dict, fid: dict, url: str, stages:
     try:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         req = urllib.request.Request(f"{url}/sample.png?n=64&seed=0", headers=headers)
-        with urllib.request.urlopen(req, timeout=60) as r:
+        context = ssl.create_default_context(cafile=ca_file) if url.startswith("https://") else None
+        with urllib.request.urlopen(req, timeout=60, context=context) as r:
             (out / "served.png").write_bytes(r.read())
         pics.append(("served.png", f"fetched from the live endpoint: {url}/sample.png?n=64&seed=0"))
     except OSError as e:

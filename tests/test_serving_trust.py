@@ -44,9 +44,9 @@ def checkpoint(tmp_path_factory):
 
 class Served:
     def __init__(self, checkpoint: str, log: Path, *args, host: str = "127.0.0.1", env: dict | None = None,
-                 port: int | None = None):
+                 port: int | None = None, url: str = "http://127.0.0.1", verify=True):
         self.port = port or free_ports(1)[0]
-        self.url = f"http://{host}:{self.port}"
+        self.url, self.verify = f"{url}:{self.port}", verify  # requests go to loopback, whatever --host binds
         self.log = log
         self.proc = subprocess.Popen([str(BIN / "aigc-ray"), "serve", "--checkpoint", checkpoint, "--host", host,
                                       "--port", str(self.port), *args], env={**os.environ, **(env or {})},
@@ -57,7 +57,7 @@ class Served:
         while time.time() - t0 < timeout:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=5, verify=self.verify).status_code == 200:
                     return time.time() - t0
             except httpx.HTTPError:
                 pass
@@ -273,30 +273,58 @@ def test_an_exposed_service_without_a_key_refuses_to_start(checkpoint):
     assert r.returncode == 2 and len(lines) == 1 and "needs an API key" in lines[0]
 
 
-def test_an_exposed_service_asks_for_its_key(checkpoint, tmp_path):
-    host = _lan_address()
-    if host is None:
-        pytest.skip("this machine has no non-loopback IPv4 address")
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_an_exposed_service_with_a_key_but_no_tls_refuses_to_start(checkpoint, tmp_path):
+    (tmp_path / "key").write_text("k" * 32)
+    r = subprocess.run([str(BIN / "aigc-ray"), "serve", "--checkpoint", checkpoint, "--host", "0.0.0.0",
+                        "--token-file", str(tmp_path / "key")], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "clear text" in lines[0] and "--insecure-http" in lines[0]
+    r = subprocess.run([str(BIN / "aigc-ray"), "serve", "--checkpoint", checkpoint, "--host", "0.0.0.0",
+                        "--token-file", str(tmp_path / "key"), "--tls-cert", str(tmp_path / "key"),
+                        "--tls-key", str(tmp_path / "key")], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--tls-cert/--tls-key: cannot load" in lines[0], r.stderr
+
+
+def test_an_exposed_service_speaks_https_and_asks_for_its_key(checkpoint, tmp_path):
+    """--host 0.0.0.0 with a key and a self-signed certificate; every request goes to 127.0.0.1."""
+    cert, tls_key = _self_signed(tmp_path)
     key = "k" * 8 + os.urandom(12).hex()
     (tmp_path / "key").write_text(key + "\n")
-    s = Served(checkpoint, tmp_path / "serve.log", "--token-file", str(tmp_path / "key"), host=host)
+    s = Served(checkpoint, tmp_path / "serve.log", "--token-file", str(tmp_path / "key"), "--tls-cert", str(cert),
+               "--tls-key", str(tls_key), host="0.0.0.0", url="https://127.0.0.1", verify=str(cert))
     try:
         s.wait_up()
-        assert httpx.get(s.url + "/healthz", timeout=30).json()["auth"] is True
+        with pytest.raises(httpx.TransportError):  # plain HTTP on the port gets no answer
+            httpx.get(f"http://127.0.0.1:{s.port}/healthz", timeout=10)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that
+            httpx.get(s.url + "/healthz", timeout=10)  # does not trust the certificate
+        get = lambda path, **kw: httpx.get(s.url + path, timeout=30, verify=str(cert), **kw)  # noqa: E731
+        assert get("/healthz").json()["auth"] is True
         for path in ("/info", "/sample.png", "/docs"):
-            r = httpx.get(s.url + path, timeout=30)
+            r = get(path)
             assert r.status_code == 401 and "API key" in r.json()["error"]
-        assert httpx.get(s.url + "/info", headers={"authorization": "Bearer wrong"}, timeout=30).status_code == 401
-        good = {"authorization": f"Bearer {key}"}
-        assert httpx.get(s.url + "/info", headers=good, timeout=30).status_code == 200
+        assert get("/info", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert get("/info", headers={"authorization": f"Bearer {key}"}).status_code == 200
 
         from aigc_ray.client import Client, ServiceError
 
-        assert Client(s.url, token=key).grid(n=4, seed=0)[:4] == b"\x89PNG"
+        assert Client(s.url, token=key, ca_file=str(cert)).grid(n=4, seed=0)[:4] == b"\x89PNG"
         with pytest.raises(ServiceError, match="401"):
-            Client(s.url).grid(n=4, seed=0)
+            Client(s.url, ca_file=str(cert)).grid(n=4, seed=0)
+        with pytest.raises(ServiceError, match="CERTIFICATE_VERIFY_FAILED"):
+            Client(s.url, token=key).grid(n=4, seed=0)
         r = subprocess.run([str(BIN / "aigc-ray"), "sample", "--url", s.url, "--token-file", str(tmp_path / "key"),
-                            "--n", "4", "--out", str(tmp_path / "g.png")], capture_output=True, text=True, timeout=120)
+                            "--ca-file", str(cert), "--n", "4", "--out", str(tmp_path / "g.png")],
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG", r.stderr
         _playground_with_a_key(s.url, key, tmp_path)
     finally:
@@ -312,7 +340,7 @@ def _playground_with_a_key(url: str, key: str, tmp_path: Path) -> None:
         browser = chromium(p)
         if browser is None:
             return  # the browser part needs Debian's chromium (make test installs it as root)
-        page = browser.new_page()
+        page = browser.new_context(ignore_https_errors=True).new_page()  # the test's self-signed certificate
         page.goto(url + "/")
         page.wait_for_selector("#keyform", state="visible", timeout=30000)  # the page asks for the key
         assert page.is_hidden("#grid")
