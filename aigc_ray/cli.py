@@ -92,7 +92,7 @@ def cmd_train(args) -> dict:
     cfg = config_from_args(args)
     train.check_inputs(cfg)  # an unusable storage or a missing dataset fails here, before Ray starts
     init_ray(args.address)
-    return train.fit(cfg)  # workers and threads fitted to the cluster, or one line saying they cannot fit
+    return train.fit(cfg, verbose=args.verbose)  # workers and threads fitted to the cluster, or one line
 
 
 def cmd_sample(args) -> dict:
@@ -101,6 +101,7 @@ def cmd_sample(args) -> dict:
     from .images import grid, save_png
 
     n = _positive(args.n, "--n")
+    _seed(args.seed)
     if args.url:
         from .client import Client
 
@@ -140,18 +141,21 @@ def _choose_ingress(args) -> None:
     """Ray 2.60's HAProxy ingress for a local cluster: replicas serve HTTP themselves, HAProxy balances over
     them and retries a request whose replica died; ~4x the requests/s of the proxy path on 2 CPUs
     (bench/serve_load.py). Kept on loopback and tied to this command (ingress.py). Set before Ray starts."""
+    import ray
+
     from . import ingress
 
-    if not args.address:
-        ingress.claim(args.port)  # what a hard-killed predecessor left on the port goes; another holder is named
-        if args.ingress == "haproxy" and _tls(args):  # Ray's HAProxy template has no TLS; Serve's proxy has
-            print("[aigc_ray] HTTPS through Serve's proxy (Ray's HAProxy ingress speaks plain HTTP)", flush=True)
-        elif args.ingress == "haproxy" and _loopback(args.host):
-            for k, v in ingress.haproxy_env(args.port).items():
-                os.environ.setdefault(k, v)
-        elif args.ingress == "haproxy":  # Ray binds the replicas' own HTTP ports to the same host: keep them in
-            print(f"[aigc_ray] serving on {args.host} through Serve's proxy (the HAProxy ingress stays on loopback)",
-                  flush=True)
+    if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return  # a running cluster (a Ray job: jobs/deploy.py) keeps its own ingress; a redeploy updates the app
+    ingress.claim(args.port)  # what a hard-killed predecessor left on the port goes; another holder is named
+    if args.ingress == "haproxy" and _tls(args):  # Ray's HAProxy template has no TLS; Serve's proxy has
+        print("[aigc_ray] HTTPS through Serve's proxy (Ray's HAProxy ingress speaks plain HTTP)", flush=True)
+    elif args.ingress == "haproxy" and _loopback(args.host):
+        for k, v in ingress.haproxy_env(args.port).items():
+            os.environ.setdefault(k, v)
+    elif args.ingress == "haproxy":  # Ray binds the replicas' own HTTP ports to the same host: keep them in
+        print(f"[aigc_ray] serving on {args.host} through Serve's proxy (the HAProxy ingress stays on loopback)",
+              flush=True)
 
 
 def _read_key(token_file: str | None) -> str | None:
@@ -211,40 +215,100 @@ def _scheme(args) -> str:
     return "https" if _tls(args) else "http"
 
 
+class _Stop(Exception):
+    """SIGTERM (systemd, Kubernetes, `timeout`): stop as Ctrl-C does."""
+
+
 def _wait_for_ctrl_c() -> None:
+    """Until Ctrl-C or SIGTERM; either ends in the caller's clean shutdown (never Ray's abort on SIGTERM)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_logging(verbose: bool) -> dict | None:
+    """Serve's own INFO lines (start-up banner, every request of every replica) only with --verbose."""
+    import logging
+
+    if verbose:
+        return None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    return {"log_level": "WARNING"}
+
+
+def _serve_args(**kw):
+    """ServeArgs, its limits checked before Ray starts: one line naming the flag."""
+    from pydantic import ValidationError
+
+    from .serve import ServeArgs
+
+    try:
+        return ServeArgs(**kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err.get("loc") else "args"
+        raise ConfigError(f"--{field.replace('_', '-')}: {err['msg'].lower()}, got {err.get('input')!r}") from None
+
+
+def _check_serving(args) -> None:
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port: must be in 1..65535, got {args.port}")
+    if not 1 <= args.min_replicas <= args.max_replicas:
+        raise ConfigError(f"--min-replicas/--max-replicas: need 1 <= min <= max, got {args.min_replicas} and "
+                          f"{args.max_replicas}")
+    for flag in ("num_cpus", "num_gpus"):
+        v = getattr(args, flag)
+        if not v >= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 0, got {v}")
+    for flag in ("max_ongoing_requests", "max_queued_requests"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
 
 
 def cmd_serve(args) -> dict:
     """Serve a checkpoint (or best.json) on a local Ray cluster until Ctrl-C."""
-    from ray import serve
-
-    from .serve import ServeArgs, build_app, token_sha256
+    from .serve import build_app, token_sha256
 
     if not (args.checkpoint or args.best):
         raise ConfigError("serve: give --checkpoint PATH or --best best.json")
     from .checkpoint import find, read_best
 
+    # Everything that can be wrong fails here, before Ray starts.
     key, tls = _api_key(args), _tls(args)
+    _check_serving(args)
+    served = _serve_args(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n,
+                         token_sha256=token_sha256(key) if key else None)
     read_best(args.best) if args.best else find(args.checkpoint)  # a bad path fails before Ray starts
     _choose_ingress(args)
     init_ray(args.address)
-    serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port, **tls})
-    app = build_app(ServeArgs(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n,
-                              token_sha256=token_sha256(key) if key else None),
-                    min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
+    from ray import serve
+
+    quiet = _serve_logging(args.verbose)
+    serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port, **tls},
+                logging_config=quiet)
+    app = build_app(served, min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
                     max_queued_requests=args.max_queued_requests)
-    serve.run(app, name="aigc", route_prefix="/")
+    serve.run(app, name="aigc", route_prefix="/", logging_config=quiet)
     url = f"{_scheme(args)}://{args.host}:{args.port}"
-    print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C stops.", flush=True)
+    print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C or SIGTERM stops.", flush=True)
     if not args.detach:
         _wait_for_ctrl_c()
+        print("[aigc_ray] stopping: draining requests, then the replicas and the ingress", flush=True)
         serve.shutdown()
+        import ray
+
+        ray.shutdown()
     return {"url": url}
 
 
@@ -256,19 +320,19 @@ def cmd_pipeline(args) -> dict:
     space = tune.load_space(args.search_space) if args.search_space else None
     tune.parse_space(space or pipeline.DEMO_SPACE)
     key = _api_key(args)
-    from . import privacy
-    from .config import replace, validate
+    from .config import check_run_name, replace, validate
 
-    validate(replace(cfg, {"train.eval_every": 1, "train.eval_metric": privacy.public_metric(cfg, "fid-domain")}))
+    check_run_name(args.name)
+    validate(replace(cfg, {"train.eval_every": 1, "train.eval_metric": pipeline.ranking_metric(cfg)}))
     train.check_inputs(cfg)
     _choose_ingress(args)
-    init_ray(args.address, num_cpus=args.num_cpus)
+    init_ray(args.address, num_cpus=args.num_cpus)  # Ray's own chatter: LoggingConfig, unless --verbose
     out = pipeline.run(cfg, name=args.name, storage=cfg.run.storage, num_trials=args.num_trials,
                        search_steps=args.search_steps, final_steps=args.final_steps,
                        final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
                        fid_samples=args.fid_samples, ref_images=args.ref_images, space=space,
                        max_concurrent=args.max_concurrent, host=args.host, port=args.port,
-                       proxy_location=args.proxy_location, api_key=key, tls=_tls(args))
+                       proxy_location=args.proxy_location, api_key=key, tls=_tls(args), verbose=args.verbose)
     print(f"\nDone in {out['seconds']:.0f} s: standard FID {out['fid']:.2f} ({out['fid_samples']} samples).")
     print(f"Playground: {out['playground']}\nReport:     {out['report']}", flush=True)
     if args.keep_serving:
@@ -292,6 +356,7 @@ def _checkpoint_to_score(args, command: str) -> str:
 def cmd_eval(args) -> dict:
     from . import metrics
 
+    _seed(args.seed)
     checkpoint = _checkpoint_to_score(args, "eval")
     r = metrics.evaluate(checkpoint, args.metric, _positive(args.num_samples, "--num-samples"),
                          split=args.split, num_workers=args.num_workers, seed=args.seed)
@@ -309,6 +374,7 @@ def cmd_eval(args) -> dict:
 def cmd_audit(args) -> dict:
     from . import audit
 
+    _seed(args.seed)
     checkpoint = _checkpoint_to_score(args, "audit")
     r = audit.run(checkpoint, num_samples=_positive(args.num_samples, "--num-samples"), heldout=args.heldout,
                   features=args.features, dataset=args.dataset, seed=args.seed, out=args.out,
@@ -334,10 +400,14 @@ def cmd_fid_ref(args) -> dict:
 
 def cmd_tune(args) -> dict:
     from . import tune
+    from .config import check_run_name
 
     cfg = config_from_args(args)
-    space = tune.load_space(args.search_space)
-    tune.parse_space(space)  # a bad space fails before Ray starts
+    check_run_name(args.name or "search")
+    space = tune.load_space(args.search_space)  # None: the scheduler's default space
+    tune.check_search(space=space, scheduler=args.scheduler, num_trials=args.num_trials, max_steps=args.max_steps,
+                      searcher=args.searcher, eval_every=cfg.train.eval_every, perturb_every=args.perturb_every,
+                      quantile=args.quantile)  # a bad space or scheduler fails before Ray starts
     from . import train
     from .config import replace, validate
 
@@ -387,12 +457,21 @@ def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool
     p.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=keep_serving,
                    help="after the report, keep serving until Ctrl-C [on in a terminal]")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own log lines (Train, Tune, Serve) too")
 
 
 def _proxy_location_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly", "Disabled"],
                    help="where Serve runs its HTTP proxies: on every node with a replica, or only on the head "
                         "(several nodes sharing one machine and port) [EveryNode]")
+
+
+def _seed(v: int) -> int:
+    from .config import MAX_SEED
+
+    if not 0 <= v <= MAX_SEED:
+        raise ConfigError(f"--seed: must be in [0, {MAX_SEED}], got {v}")
+    return v
 
 
 def _positive(v: int, name: str) -> int:
@@ -412,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t)
     t.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     t.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    t.add_argument("--verbose", action="store_true", help="show Ray Train's own log lines too")
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="a grid of images from a checkpoint's G_ema (or a running service)")
@@ -478,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HTTP path on a local cluster: Ray 2.60's HAProxy + direct ingress, or the classic proxy")
     _proxy_location_flag(sv)
     sv.add_argument("--detach", action="store_true", help="return once deployed (the cluster keeps serving)")
+    sv.add_argument("--verbose", action="store_true", help="show Ray Serve's own log lines (start-up, every request)")
     sv.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     sv.add_argument("--json", action="store_true")
     sv.set_defaults(fn=cmd_serve)

@@ -265,6 +265,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return validate(cfg)
 
 
+MAX_SEED = 2**62  # image i of seed s draws from s + i: the sum stays a valid torch seed
+
+
+def check_run_name(name: str, key: str = "--name") -> str:
+    """A run, search or pipeline name is one folder under the storage, never a path out of it (., .., /)."""
+    _check(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}", name or "") is not None, key,
+           "must be one folder name: letters, digits, '.', '_' and '-', not starting with '.' or '-'", name)
+    return name
+
+
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: {allowed}, got {value!r}")
@@ -321,8 +331,9 @@ def validate(cfg: Config) -> Config:
     if t.eval_dataset:
         check_name(t.eval_dataset)
     _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
-    _check(re.fullmatch(r"[A-Za-z0-9_.\-]*", cfg.run.name) is not None, "run.name",
-           "may hold letters, digits, '.', '_' and '-' only", cfg.run.name)
+    if cfg.run.name:
+        check_run_name(cfg.run.name, "run.name")
+    _check(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}]", t.seed)
     _check(bool(cfg.run.storage), "run.storage", "must not be empty", cfg.run.storage)
     from .privacy import check
 

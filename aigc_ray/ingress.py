@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -39,9 +40,20 @@ class PortInUse(ConfigError):
 
 
 def state_dir(port: int) -> Path:
-    """This service's private folder (config, admin socket, owner): one per port, mode 0700."""
+    """This service's private folder (config, admin and metrics sockets, owner): one per port, mode 0700.
+
+    Its name is predictable, so another local user could make it first (or a link by that name): it is used
+    only if it is a real folder of ours, else one line says what is wrong."""
     d = Path(tempfile.gettempdir()) / f"aigc-ray-serve-{os.getuid()}-{port}"
-    d.mkdir(mode=0o700, exist_ok=True)
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        what = "not a folder" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}, not {os.getuid()}"
+        raise ConfigError(f"--port {port}: the service's private folder {d} is {what} (another user made it?); "
+                          "remove it, or set TMPDIR to a folder of your own")
     os.chmod(d, 0o700)
     return d
 
@@ -85,6 +97,7 @@ def haproxy_env(port: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_BINARY_PATH": wrapper,
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(d / "metrics.sock"),  # not /tmp/haproxy-serve/, mode 0666
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
@@ -98,15 +111,31 @@ def confine(config: str) -> str:
     idle keep-alive connection under a client (idle-close-on-response: the old process answers the next
     request, with Connection: close); and Retry-After on every 503."""
     config = re.sub(r"(?m)^(\s*stats socket \S+) mode \d+", r"\1 mode 600", config)
-    config = re.sub(r"(?m)^(\s*bind )(?:\*|0\.0\.0\.0|::|\[::\])?:(\d+)\s*$", r"\g<1>127.0.0.1:\2", config)
+    config = _side_doors_on_loopback(config)
     config = re.sub(r"(?m)^\s*option splice-(request|response)\s*$\n?", "", config)
     if "idle-close-on-response" not in config:
         config = re.sub(r"(?m)^defaults\s*$", "defaults\n    option idle-close-on-response", config, count=1)
     # A replica refusing work (Serve's backpressure, or the service's own limit) says when to come back.
-    config = re.sub(r"(?m)^(backend \S+)\s*$",
+    config = re.sub(r"(?m)^(backend \S+)[ \t]*$(?!\n    http-response set-header Retry-After)",
                     r"\1\n    http-response set-header Retry-After 1 if { status 503 } !{ res.hdr(retry-after) -m found }",
                     config)
     return config
+
+
+SIDE_DOORS = ("frontend prometheus", "listen stats")  # Ray's template: the metrics and the statistics pages
+
+
+def _side_doors_on_loopback(config: str) -> str:
+    """Bind the statistics and metrics sections to 127.0.0.1; the service's own frontends (http_frontend,
+    grpc_frontend) keep the address they were given (0.0.0.0 behind a gateway stays 0.0.0.0)."""
+    out, section = [], ""
+    for line in config.splitlines(keepends=True):
+        if line[:1].strip():  # a section header starts at column 0
+            section = " ".join(line.split()[:2])
+        elif section in SIDE_DOORS:
+            line = re.sub(r"^(\s*bind )(?:\*|0\.0\.0\.0|::|\[::\])?:(\d+)(\s*)$", r"\g<1>127.0.0.1:\2\3", line)
+        out.append(line)
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ a failed one is deleted again, so a bad job never leaves a half-deployed app beh
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
-from .config import Config, ConfigError, replace, validate
+from .config import Config, ConfigError, check_run_name, replace, validate
 
 DEMO_SPACE = {  # a search that fits a few minutes of 2 CPUs: the learning rates and the loss
     "optim.lr_g": {"loguniform": [1e-4, 1e-3]},
@@ -22,11 +23,23 @@ DEMO_SPACE = {  # a search that fits a few minutes of 2 CPUs: the learning rates
 }
 
 
+def ranking_metric(cfg: Config, metric: str = "fid-domain") -> str:
+    """fid-domain where its classifier can be had and is not trained on a DP run's private images, else fid."""
+    from . import data, metrics, privacy
+
+    if privacy.enabled(cfg):
+        metric = privacy.public_metric(cfg, metric)
+    scored = metrics.scoring_data(cfg)
+    if metric == "fid-domain" and (scored.dataset.startswith("folder:") or not data.info(scored)[1]):
+        return "fid"  # a folder (or CelebA) has no labels for a domain classifier
+    return metric
+
+
 def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_steps: int = 300,
         final_steps: int = 1000, final_workers: int = -1, metric: str = "fid-domain", eval_samples: int = 1000,
         fid_samples: int = 500, ref_images: int = 500, space: dict | None = None, max_concurrent: int = 0,
         host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", app_name: str = "aigc",
-        api_key: str | None = None, tls: dict | None = None, log=print) -> dict[str, Any]:
+        api_key: str | None = None, tls: dict | None = None, verbose: bool = False, log=print) -> dict[str, Any]:
     """Run the pipeline on the connected Ray cluster; returns the URL, the report path and the figures."""
     import ray
     from ray import serve
@@ -37,6 +50,7 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     from .serve import ServeArgs, build_app, token_sha256
 
     # Check everything before the first trial.
+    check_run_name(name)
     base = validate(base)
     tune.parse_space(space if space is not None else DEMO_SPACE)
     for key, value in {"final_steps": final_steps, "fid_samples": fid_samples, "ref_images": ref_images}.items():
@@ -46,8 +60,7 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
         raise ConfigError(f"pipeline: final_workers must be > 0, or -1 (auto), got {final_workers}")
     if final_steps < search_steps:
         raise ConfigError(f"pipeline: final_steps ({final_steps}) must be >= search_steps ({search_steps})")
-    if privacy.enabled(base):  # a DP search ranks on public data: fid-domain only where its classifier is too
-        metric = privacy.public_metric(base, metric)
+    metric = ranking_metric(base, metric)
     validate(replace(base, {"train.eval_every": 1, "train.eval_metric": metric}))  # scoring a DP run: public data
     train.check_inputs(base)
     train.check_cluster(replace(base, {"train.num_workers": max(final_workers, 0)}))
@@ -74,7 +87,7 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
                         "train.cpus_per_worker": base.train.cpus_per_worker,
                         "train.eval_every": max(1, search_steps // 3), "train.log_every": max(1, search_steps // 3),
                         "train.ckpt_every": max(1, search_steps // 3), "train.max_failures": 2})
-    final = train.fit(win)
+    final = train.fit(win, verbose=verbose)
     stages["train"] = time.time() - t1
 
     # [3] The standard (Inception) FID of the final G_ema.
@@ -105,10 +118,14 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     # [4] Deploy to Ray Serve; a failed deployment is removed again.
     t3 = time.time()
     log(f"[aigc_ray] 4/5 deploy {best_json} to Ray Serve at {'https' if tls else 'http'}://{host}:{port}/")
-    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port, **(tls or {})})
+    quiet = None if verbose else {"log_level": "WARNING"}  # Serve's banner and per-request lines: --verbose
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port, **(tls or {})},
+                logging_config=quiet)
     try:
         serve.run(build_app(ServeArgs(best=best_json, token_sha256=token_sha256(api_key) if api_key else None)),
-                  name=app_name, route_prefix="/")
+                  name=app_name, route_prefix="/", logging_config=quiet)
     except Exception:
         serve.delete(app_name)
         raise

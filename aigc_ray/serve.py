@@ -174,7 +174,8 @@ class Guard:
     1. the API key, when the service has one: `Authorization: Bearer <key>`, else 401 (/ and /healthz are open);
     2. overload: past max_ongoing_requests + max_queued_requests in this replica, 503 at once with Retry-After,
        so a burst is refused, never queued without bound;
-    3. bodies over max_body_bytes: 413, from the Content-Length header.
+    3. bodies over max_body_bytes: 413, from the Content-Length header, or while reading a body that has none
+       (Transfer-Encoding: chunked), never reading past the limit.
     Test-only: with AIGC_RAY_TEST_FAULTS=1 in the replica's environment, a request carrying the header
     `x-aigc-ray-fault: crash` ends the replica's process (to test retries) and `slow` holds its place for 2 s
     (to test overload); otherwise the header is ignored.
@@ -196,6 +197,35 @@ class Guard:
                                 *headers]})
         await send({"type": "http.response.body", "body": body})
 
+    @staticmethod
+    async def _bounded_body(receive, limit: int) -> bytes | None:
+        """The request body, or None as soon as it passes limit bytes (the rest is never read)."""
+        parts, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return b"".join(parts)
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(parts)
+
+    @staticmethod
+    def _replay(body: bytes):
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        return receive
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -212,6 +242,11 @@ class Guard:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg["max_body_bytes"]):
             return await self._refuse(send, 413, f"request body over {cfg['max_body_bytes']} bytes")
+        if scope.get("method") in ("POST", "PUT", "PATCH"):  # read the body here, never more than the limit:
+            body = await self._bounded_body(receive, cfg["max_body_bytes"])  # a chunked body has no length
+            if body is None:
+                return await self._refuse(send, 413, f"request body over {cfg['max_body_bytes']} bytes")
+            receive = self._replay(body)
         fault = headers.get(b"x-aigc-ray-fault") if self.faults else None
         if fault == b"crash":
             os._exit(1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import shutil
 import sys
@@ -277,7 +276,7 @@ def progress_line(m: dict[str, Any], total: int, layout: str = "") -> str:
     extra = f" W={m['wasserstein']:.3f}" if "wasserstein" in m else ""
     evals = "".join(f" {k}={m[k]:.2f}" for k in ("fid", "fid_domain") if k in m)
     extra += f" aug p={m['aug_p']:.2f}" if "aug_p" in m else ""
-    extra += f" eps={m['epsilon']:.2f} (delta {m['delta']:g})" if "epsilon" in m else ""
+    extra += f" eps={m['epsilon']:.2f} (delta {m['delta']:g}, this run's D steps)" if "epsilon" in m else ""
     loss_d = f"loss_d={m['loss_d']:.3f}" if "loss_d" in m else "loss_d=private"
     return (f"[aigc_ray] step {m['step']}/{total} ({100 * m['step'] / total:.0f}%) "
             f"{loss_d} loss_g={m['loss_g']:.3f}{extra}{evals} "
@@ -315,7 +314,7 @@ class Logger:
 def _progress_callback(run_dir: str, total: int, echo: bool, layout: str = ""):
     from ray.train import UserCallback
 
-    class Progress(QuietInController, UserCallback):
+    class Progress(UserCallback):
         """Runs on the Ray Train controller: one line per report, and TensorBoard events."""
 
         def __init__(self):
@@ -338,7 +337,6 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     cfg = validate(Config.from_dict(config["cfg"]))
     local, run_dir = config["local"], config["run_dir"]
-    quiet_ray_train_logs()
     t = cfg.train
     # [1] Where this worker stands: rank, world size, device.
     ctx = ray.train.get_context()
@@ -436,26 +434,6 @@ def worker_loop(config: dict[str, Any]) -> None:
         if marker is not None:
             shutil.rmtree(marker, ignore_errors=True)
         window, n_window, t0 = {}, 0, now
-
-
-def quiet_ray_train_logs() -> None:
-    """Ray Train's INFO lines from every worker and controller (worker group started, model moved to the
-    device, every report, every checkpoint) stay out of the output: the progress lines say what matters,
-    once, on the driver. Its warnings and errors still show."""
-    from ray.train.v2._internal.execution import context
-
-    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith("ray.train")]
-    for name in ["ray.train", context.__file__, *names]:  # that module names its logger by file
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class QuietInController:
-    """Mixed into a Ray Train callback: unpickled in the Train controller, it quiets Ray Train's INFO lines
-    there too (a UserCallback has no hook that runs before the worker group starts)."""
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        quiet_ray_train_logs()
 
 
 def _evaluate(state: TrainState, cfg: Config, ref: dict, rank: int, world: int, device) -> dict[str, float]:
@@ -640,7 +618,7 @@ def _check_resumable(cfg: Config, run_dir: str) -> None:
                                   f"not {v!r}: resume it unchanged or pick a new --name")
 
 
-def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
+def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verbose: bool = False,
         keep_best_by: str | None = None, driver_cpus: float = 0.0, inputs: dict | None = None) -> dict[str, Any]:
     """Train (or resume) the run cfg.run.name; returns its final metrics and latest checkpoint path.
 
@@ -648,6 +626,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
     driver_cpus: CPUs the caller (a Tune trial) already holds; taken off the workers' request so that
     trial + workers ask for exactly num_workers x cpus_per_worker and concurrent trials fit the cluster.
     inputs: make_inputs(cfg) made by a caller that shares them between runs (a search); else made here.
+    verbose: Ray Train's own INFO lines too (worker group started, every checkpoint persisted); else our
+    progress lines say what happened, once.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -682,6 +662,7 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
                 num_to_keep=t.keep_checkpoints or None, checkpoint_score_attribute=keep_best_by,
                 checkpoint_score_order="min"),
             callbacks=cbs,
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
     )
     try:
@@ -691,6 +672,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False,
             last = f"its last complete checkpoint is {ckpt.find(run_dir)}"
         except ckpt.CheckpointError:
             last = "it wrote no complete checkpoint"
+        except storage.StorageError as se:  # the storage itself may be what failed: say so, keep the advice
+            last = f"its checkpoints cannot be listed now ({se})"
         cause = " ".join(str(e).split())[:400]
         raise TrainingFailed(f"run {cfg.run.name!r} failed and max_failures={t.max_failures} restarts were used up; "
                              f"{last}; run the same --name again to resume. Cause: {cause}") from None

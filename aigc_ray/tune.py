@@ -24,7 +24,7 @@ from typing import Any
 from ray.tune.schedulers import PopulationBasedTraining
 
 from . import storage as storage_mod
-from .config import Config, ConfigError, all_keys, replace, validate, with_cache
+from .config import Config, ConfigError, all_keys, check_run_name, replace, validate, with_cache
 from . import metrics as metrics_mod
 from .metrics import METRIC_KEYS
 
@@ -91,9 +91,10 @@ def parse_space(space: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_space(path: str | None) -> dict[str, Any]:
+def load_space(path: str | None) -> dict[str, Any] | None:
+    """A YAML search space, or None (no file): search() then takes its scheduler's default space."""
     if not path:
-        return DEFAULT_SPACE
+        return None
     import yaml
 
     p = Path(path).expanduser()
@@ -113,9 +114,7 @@ def _relay(queue):
     checkpoint, to the trial that started the run, which reports it to Tune."""
     from ray.train import UserCallback
 
-    from .train import QuietInController
-
-    class Relay(QuietInController, UserCallback):
+    class Relay(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0])
             if checkpoint:
@@ -215,6 +214,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     from . import train
 
     # Check everything a user can get wrong before any trial starts.
+    check_run_name(name)
     if num_trials <= 0 or max_steps <= 0:
         raise ConfigError(f"tune: --num-trials and --max-steps must be > 0, got {num_trials} and {max_steps}")
     if metric not in ("fid", "fid-domain"):
@@ -223,7 +223,10 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
         raise ConfigError(f"tune: --workers-per-trial must be >= 1, got {workers_per_trial}")
     if searcher not in ("random", "optuna"):
         raise ConfigError(f"tune: --searcher must be random or optuna, got {searcher!r}")
-    raw_space = space if space is not None else (PBT_SPACE if scheduler == "pbt" else DEFAULT_SPACE)
+    raw_space = default_space(space, scheduler)
+    if space is None and scheduler == "pbt":
+        log(f"[aigc_ray] PBT searches the part of the default space a running member can change: "
+            f"{', '.join(PBT_SPACE)}")
     param_space = parse_space(raw_space)
     eval_every = eval_every or max(1, max_steps // 6)
     grace_steps = grace_steps or eval_every
@@ -299,6 +302,24 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
         )
     grid = tuner.fit()
     return _report(grid, search_dir, metric_key, max_steps, log, scheduler)
+
+
+def default_space(space: dict | None, scheduler: str) -> dict:
+    """The space a search explores: the one given, else PBT's (what a running member may change) or the default."""
+    return space if space is not None else (PBT_SPACE if scheduler == "pbt" else DEFAULT_SPACE)
+
+
+def check_search(*, space: dict | None, scheduler: str, num_trials: int, max_steps: int, searcher: str,
+                 eval_every: int, perturb_every: int, quantile: float) -> int:
+    """Everything about a search that can be checked before Ray starts; returns PBT's perturbation interval."""
+    if num_trials <= 0 or max_steps <= 0:
+        raise ConfigError(f"tune: --num-trials and --max-steps must be > 0, got {num_trials} and {max_steps}")
+    if searcher not in ("random", "optuna"):
+        raise ConfigError(f"tune: --searcher must be random or optuna, got {searcher!r}")
+    raw = default_space(space, scheduler)
+    parse_space(raw)
+    return _check_scheduler(scheduler, raw, num_trials, searcher, eval_every or max(1, max_steps // 6),
+                            perturb_every, quantile)
 
 
 def _check_scheduler(scheduler: str, raw_space: dict, num_trials: int, searcher: str, eval_every: int,

@@ -18,7 +18,8 @@ def ray_cluster():
         return
     # The dashboard stays on: Ray Train's placement-group cleaner needs its state API to free the CPUs
     # of trials that ASHA stops.
-    ray.init(address="local", num_cpus=2, logging_level="WARNING")  # never a `ray start` cluster left around
+    ctx = ray.init(address="local", num_cpus=2, logging_level="WARNING")  # never a `ray start` cluster left around
+    os.environ["AIGC_RAY_TEST_DASHBOARD"] = f"http://{ctx.dashboard_url}"  # for job submission (jobs/*.py)
     yield ray
     ray.shutdown()
 

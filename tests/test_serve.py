@@ -171,6 +171,30 @@ def test_bad_input_is_a_4xx_with_one_line(service, kwargs, status, needle):
     assert httpx.get(URL + "/healthz", timeout=30).status_code == 200  # the replica lives on
 
 
+def test_a_chunked_body_without_a_length_is_refused_past_the_limit(service):
+    """Transfer-Encoding: chunked carries no Content-Length: the replica stops reading at the limit (413)
+    instead of buffering whatever comes (up to 64 MiB offered here, in 64 KiB chunks)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", 8000), timeout=30) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        try:
+            for _ in range(1024):
+                s.sendall(chunk)
+        except OSError:  # the server answered and closed: the rest was never read
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            part = s.recv(65536)
+            if not part:
+                break
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert httpx.get(URL + "/healthz", timeout=30).status_code == 200  # the replica lives on
+
+
 def test_multiplexed_models_by_header(service):
     h = {"serve_multiplexed_model_id": "other"}
     with httpx.Client(base_url=URL, timeout=30) as c:
@@ -247,6 +271,46 @@ def test_hot_swap_changes_info_without_failed_requests(service, checkpoints):
     statuses = [code for _, code in log]
     assert httpx.get(URL + "/info", timeout=30).json()["checkpoint"] == checkpoints[1]
     assert len(statuses) > 10 and set(statuses) == {200}
+
+
+def test_a_new_winner_redeploys_as_a_ray_job_without_a_lost_request(service, checkpoints):
+    """jobs/deploy.py, submitted to the running cluster as `ray job submit` does, swaps the served checkpoint
+    while clients keep asking: the job ends SUCCEEDED (no PortInUse from the cluster's own proxy) and no
+    request fails during the swap."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from aigc_ray.serve import build_app
+
+    deploy = Path(__file__).resolve().parents[1] / "jobs" / "deploy.py"
+    client = JobSubmissionClient(os.environ["AIGC_RAY_TEST_DASHBOARD"])  # the session cluster's dashboard
+    before = httpx.get(URL + "/info", timeout=30).json()["checkpoint"]
+    new = checkpoints[0] if before != checkpoints[0] else checkpoints[1]
+    with _load(4, {"n": 2, "seed": 7, "format": "grid"}) as log:
+        deadline = time.time() + 240
+        while True:  # a young cluster's job agent may not be up yet: "No available agent to submit job"
+            try:
+                job = client.submit_job(entrypoint=f"{sys.executable} {deploy} --checkpoint {new} --port 8000 "
+                                                   "--num-cpus 0.5 --max-n 32")
+                break
+            except RuntimeError as e:
+                assert "No available agent" in str(e) and time.time() < deadline, e
+                time.sleep(2)
+        while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.time() < deadline, client.get_job_logs(job)[-2000:]
+            time.sleep(1)
+        assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-2000:]
+        while httpx.get(URL + "/info", timeout=30).json()["checkpoint"] != new and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+    statuses = [code for _, code in log]
+    assert httpx.get(URL + "/info", timeout=30).json()["checkpoint"] == new
+    assert len(statuses) > 10 and set(statuses) == {200}, sorted(set(statuses))
+    serve.run(build_app(service, num_cpus=0.5), name="aigc", route_prefix="/")  # the module's service again
 
 
 def test_replicas_grow_under_load(service, checkpoints):

@@ -230,7 +230,8 @@ def test_a_hard_kill_leaves_nothing_behind(served, checkpoint, tmp_path):
     os.kill(served.proc.pid, signal.SIGKILL)  # the OOM killer, kill -9: no cleanup runs
     served.proc.wait()
     t0 = time.time()
-    again = Served(checkpoint, tmp_path / "again.log", port=served.port)
+    again = Served(checkpoint, tmp_path / "again.log", "--min-replicas", "2", "--max-replicas", "2", "--num-cpus",
+                   "0.5", port=served.port)
     try:
         while "Serving at" not in again.log.read_text():  # the new one has the port: its own HAProxy bound it
             assert again.proc.poll() is None and time.time() - t0 < 60, again.log.read_text()[-3000:]
@@ -242,8 +243,38 @@ def test_a_hard_kill_leaves_nothing_behind(served, checkpoint, tmp_path):
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == served.port]
         tree = {p.pid for p in psutil.Process(again.proc.pid).children(recursive=True)}
         assert listeners and set(listeners) <= tree  # the port is the new service's, nothing of the old is left
+        _sigterm_while_serving(again)
     finally:
         again.stop()
+
+
+def _sigterm_while_serving(s: Served) -> None:
+    """SIGTERM (systemd, Kubernetes, `timeout`) while 2 replicas answer: a clean stop, exit 0 or 143, never
+    Ray's abort (134), and nothing left on the port."""
+    s.wait_replicas(2)
+    stop, codes = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            try:
+                codes.append(httpx.post(s.url + "/generate", json={"n": 1, "seed": 0}, timeout=10).status_code)
+            except httpx.HTTPError:
+                codes.append(0)
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(2)
+    s.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = s.proc.wait(timeout=90)
+    finally:
+        stop.set()
+        t.join()
+    log = s.log.read_text()
+    assert rc in (0, 143) and "Aborted" not in log, (rc, log[-3000:])
+    assert 200 in codes and "stopping: draining requests" in log
+    assert not [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+                and c.laddr.port == s.port]  # the ingress went with it
 
 
 def test_a_port_held_by_something_else_is_named_in_one_line(checkpoint, tmp_path):

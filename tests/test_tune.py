@@ -86,18 +86,31 @@ def test_a_bad_pbt_search_is_one_line_before_any_trial(ray_cluster, tiny, tmp_pa
     assert not (tmp_path / "p").exists()
 
 
-def test_a_bad_pbt_space_from_the_command_line_is_exit_2(tmp_path):
-    import subprocess
-    import sys
+def test_a_bad_pbt_space_from_the_command_line_is_exit_2_before_ray(tmp_path, capsys):
+    import ray
+
+    from aigc_ray.cli import main
 
     space = tmp_path / "space.yaml"
     space.write_text("model.ndf: {choice: [16, 32]}\noptim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}\n")
-    r = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "tune", "--dataset", "mnist-5k", "--scheduler", "pbt",
-                        "--search-space", str(space), "--storage", str(tmp_path / "runs")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "PBT cannot change model.ndf" in lines[0]
+    started = ray.is_initialized()
+    code = main(["tune", "--dataset", "mnist-5k", "--scheduler", "pbt", "--search-space", str(space),
+                 "--storage", str(tmp_path / "runs")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "PBT cannot change model.ndf" in lines[0]
+    assert ray.is_initialized() == started and not (tmp_path / "runs").exists()
+
+
+def test_readmes_pbt_example_searches_what_pbt_can_change():
+    """`aigc-ray tune --scheduler pbt` with no --search-space: the default space holds loss.name, which PBT
+    cannot change in a running member; the search takes PBT's part of it instead of refusing."""
+    assert tune.load_space(None) is None
+    assert tune.default_space(None, "pbt") == tune.PBT_SPACE and set(tune.PBT_SPACE) <= set(tune.PBT_MUTABLE)
+    assert tune.check_search(space=None, scheduler="pbt", num_trials=4, max_steps=3000, searcher="random",
+                             eval_every=0, perturb_every=0, quantile=0.25) == 500
+    with pytest.raises(ConfigError, match="PBT cannot change loss.name"):
+        tune.check_search(space=tune.DEFAULT_SPACE, scheduler="pbt", num_trials=4, max_steps=3000,
+                          searcher="random", eval_every=0, perturb_every=0, quantile=0.25)
 
 
 def test_pbt_leaves_a_members_final_report_alone():
