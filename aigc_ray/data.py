@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import storage
 from .config import ConfigError, DataConfig, cache_root
+from .seeds import derive
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -349,21 +350,23 @@ def ensure(cfg: DataConfig) -> None:
 class Batches:
     """An endless, resumable stream of shuffled batches from one worker's shard.
 
-    Batch i of the stream depends only on (seed, i), so a resumed run continues the exact order.
+    Batch i of the stream depends only on (seed, rank, i), so a resumed run continues the exact order; each
+    epoch's order is the stream seeds.derive(seed, "data", rank, epoch).
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, start: int = 0, device="cpu"):
+    def __init__(self, data: ImageSet, batch_size: int, seed: int, start: int = 0, device="cpu", rank: int = 0):
         if len(data) < batch_size:
             raise DataError(f"train.batch_size: {batch_size} is larger than this worker's "
                             f"{len(data)} images; lower it or use fewer workers")
         self.data, self.batch_size, self.seed, self.i, self.device = data, batch_size, seed, start, device
+        self.rank = rank
         self.per_epoch = len(data) // batch_size
         self._epoch, self._perm = -1, None
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         epoch, k = divmod(self.i, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(derive(self.seed, "data", self.rank, epoch))
             self._epoch, self._perm = epoch, torch.randperm(len(self.data), generator=g)
         self.i += 1
         return self.data.batch(self._perm[k * self.batch_size:(k + 1) * self.batch_size], self.device)

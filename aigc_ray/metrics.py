@@ -28,6 +28,7 @@ import torch
 from . import storage
 from .config import Config, ConfigError, DataConfig
 from .features import cache_uri, extractor
+from .seeds import derive, image_seeds, latents
 
 METRIC_KEYS = {"fid": "fid", "fid-domain": "fid_domain", "kid": "kid", "is": "is", "precision-recall": "precision"}
 
@@ -142,9 +143,9 @@ def generated_images(g, cfg: Config, n: int, seed: int, rank: int = 0, world: in
                      batch: int = 250) -> torch.Tensor:
     """This worker's share (every world-th of n) of n samples as uint8; the union is world-independent."""
     from .images import to_uint8
-    from .models import generate, noise
+    from .models import generate
 
-    z = noise(n, cfg.model.latent_dim, seed=seed)[rank::world]
+    z = latents(image_seeds(seed, n)[rank::world], cfg.model.latent_dim)  # image i: noise(seed + i), as sample
     y = (torch.arange(n) % cfg.model.num_classes)[rank::world] if cfg.model.conditional else None
     parts = [torch.zeros(0, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8)]
     for i in range(0, len(z), batch):
@@ -311,8 +312,8 @@ def training_reference(cfg: Config, log=print) -> dict:
 
 def evaluate_in_training(g, cfg: Config, ref: dict, *, rank: int, world: int, device) -> dict[str, float]:
     """Inside the Ray Train loop: every worker generates its share, the stats are all-reduced."""
-    images = generated_images(g, cfg, cfg.train.eval_samples, seed=cfg.train.seed + 999, rank=rank, world=world,
-                              device=device)
+    images = generated_images(g, cfg, cfg.train.eval_samples, seed=derive(cfg.train.seed, "eval"), rank=rank,
+                              world=world, device=device)
     feats = _unship(ref["extractor"], device)(images)
     stats = FeatureStats(feats.shape[1]).add(feats).all_reduce()
     return {METRIC_KEYS[ref["metric"]]: fid_from_stats(stats, ref["stats"])}

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 
 from .images import grid, png_bytes
-from .models import noise
+from .seeds import latents
 
 
 class ServeArgs(BaseModel):
@@ -81,8 +81,7 @@ class Sampler:
         self.version = f"step{self.meta['step']}-{self.meta['sha1'][:10]}"
 
     def noise(self, seeds: list[int], truncation: float | None) -> torch.Tensor:
-        return torch.cat([noise(1, self.cfg.model.latent_dim, seed=s, truncation=truncation) for s in seeds]).to(
-            self.device)
+        return latents(seeds, self.cfg.model.latent_dim, truncation).to(self.device)  # seeds.py's rule
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor, labels: list[int] | None = None) -> np.ndarray:
@@ -401,7 +400,7 @@ class GeneratorService:
     async def interpolate(self, req: InterpolateRequest):
         sampler = await self._sampler()
         m = sampler.cfg.model
-        a, b = (noise(1, m.latent_dim, seed=s)[0] for s in (req.seed_a, req.seed_b))
+        a, b = latents([req.seed_a, req.seed_b], m.latent_dim)
         z = torch.stack([slerp(a, b, t) for t in np.linspace(0, 1, req.steps)]).to(sampler.device)
         x = await asyncio.get_running_loop().run_in_executor(None, sampler.forward, z)
         if req.format == "gif":

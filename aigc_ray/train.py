@@ -34,7 +34,8 @@ from .config import Config, ConfigError, RunError, replace, resolve, validate
 from .images import grid, png_bytes, to_uint8
 from .augment import Augment
 from .losses import LOSSES, per_example_d, r1_penalty
-from .models import build, generate, noise
+from .models import build, generate
+from .seeds import derive, image_seeds, latents
 
 GRID_SIZE = 64
 R1_EVERY = 16  # lazy R1 (StyleGAN2): every 16th D update, weighted 16x
@@ -82,7 +83,7 @@ def build_state(cfg: Config, device: torch.device | str = "cpu",
     """Fresh networks, optimisers and EMA for a resolved config; `wrap` adds DDP. With DP (size: the
     training images, for the sampling rate), D gets per-example gradients and a clipping, noising
     optimiser instead of DDP."""
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(derive(cfg.train.seed, "init"))
     g, d = build(cfg)
     g, d = g.to(device), d.to(device)
     g_ema = copy.deepcopy(g).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
@@ -255,7 +256,7 @@ def load_state_dict(state: TrainState, sd: dict[str, Any], restore_rng: bool = T
 
 def fixed_noise(cfg: Config, n: int = GRID_SIZE):
     """The run's sample-grid noise: the same every checkpoint, so progress shows image to image."""
-    z = noise(n, cfg.model.latent_dim, seed=cfg.train.seed + 12345)
+    z = latents(image_seeds(derive(cfg.train.seed, "grid"), n), cfg.model.latent_dim)
     y = torch.arange(n) % cfg.model.num_classes if cfg.model.conditional else None
     return z, y
 
@@ -368,16 +369,16 @@ def worker_loop(config: dict[str, Any]) -> None:
             # stdout and to its logger, and the driver then showed this line twice.
             print(f"[aigc_ray] worker group of {cfg.run.name} continues at step {state.step} ({resume})",
                   file=sys.__stdout__, flush=True)
-        if rank != 0:
-            torch.manual_seed(t.seed + 7919 * rank + state.step)
+        if rank != 0:  # rank 0 took its RNG state from the checkpoint
+            torch.manual_seed(derive(t.seed, "worker", rank, state.step))
     else:
-        torch.manual_seed(t.seed + 7919 * rank)
+        torch.manual_seed(derive(t.seed, "worker", rank, 0))
     if state.private is not None:
         # DP's sampling: a secret seed from OS entropy, shared by the workers, never from train.seed.
         batches = privacy.PoissonBatches(data, state.private.q, seed=privacy.secret_seed(device), rank=rank,
                                          world=world, start=state.step * cfg.loss.n_critic, device=device)
     else:
-        batches = data_mod.Batches(data, t.batch_size, seed=t.seed * 1000 + rank,
+        batches = data_mod.Batches(data, t.batch_size, seed=t.seed, rank=rank,
                                    start=state.step * cfg.loss.n_critic, device=device)
     logger = Logger(run_dir, t.steps, config["echo"], layout(cfg)) if local else None
 

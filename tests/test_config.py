@@ -33,7 +33,7 @@ def test_json_round_trip(tmp_path):
     ("loss.name", "wgan", "loss.name: must be one of"),
     ("train.steps", "ten", "train.steps: must be an integer"),
     ("data.dataset", "imagenet", "data.dataset: unknown dataset 'imagenet'"),
-    ("run.name", "a/b", "run.name: may hold"),
+    ("run.name", "a/b", "run.name: must be one folder name"),
 ])
 def test_errors_name_the_field_and_what_is_allowed(key, value, needle):
     with pytest.raises(ConfigError, match=None) as e:
