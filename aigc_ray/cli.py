@@ -74,6 +74,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
     ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING", log_to_driver=log_to_driver)
 
 
+def dry_run(args, what: str) -> None:
+    """--dry-run: every check that can run before Ray has passed; say what would happen, in one line."""
+    if getattr(args, "json", False):
+        print(json.dumps({"dry_run": True, "would": what}), flush=True)
+    else:
+        print(f"[aigc_ray] dry run: would {what}", flush=True)
+
+
+def _there(find, path: str, args) -> str:
+    """find(path)'s answer; under --dry-run a path that is not there yet (an earlier step makes it) is fine,
+    as long as its storage can be reached."""
+    from .checkpoint import CheckpointError
+    from . import storage
+
+    try:
+        return str(find(path))
+    except CheckpointError as e:
+        if not args.dry_run or "does not exist" not in str(e):
+            raise
+        storage.info(storage.parent(storage.normalize(path)))  # unreachable storage still fails
+        return f"{path} (not there yet)"
+
+
 def emit(result: dict[str, Any], as_json: bool) -> None:
     """Human lines, or (with --json) one JSON object as the last line of stdout."""
     if as_json:
@@ -91,6 +114,9 @@ def cmd_train(args) -> dict:
 
     cfg = config_from_args(args)
     train.check_inputs(cfg)  # an unusable storage or a missing dataset fails here, before Ray starts
+    if args.dry_run:
+        return dry_run(args, f"train {cfg.run.name or '(a new run)'} on {cfg.data.dataset} for {cfg.train.steps} "
+                             f"steps, {cfg.loss.name} loss, under {cfg.run.storage}")
     init_ray(args.address)
     return train.fit(cfg, verbose=args.verbose)  # workers and threads fitted to the cluster, or one line
 
@@ -102,11 +128,15 @@ def cmd_sample(args) -> dict:
 
     n = _positive(args.n, "--n")
     _seed(args.seed)
+    if args.truncation is not None and not 0 < args.truncation <= 10:
+        raise ConfigError(f"--truncation: must be in (0, 10], got {args.truncation}")
     if args.url:
         from .client import Client
 
-        png = Client(args.url, token=_read_key(args.token_file), ca_file=args.ca_file).grid(
-            n=n, seed=args.seed, truncation=args.truncation, cls=args.cls)
+        client = Client(args.url, token=_read_key(args.token_file), ca_file=args.ca_file)
+        if args.dry_run:
+            return dry_run(args, f"ask {args.url} for {n} images of seed {args.seed} and write {args.out}")
+        png = client.grid(n=n, seed=args.seed, truncation=args.truncation, cls=args.cls)
         from pathlib import Path
 
         Path(args.out).write_bytes(png)
@@ -115,6 +145,11 @@ def cmd_sample(args) -> dict:
 
     if not (args.checkpoint or args.best):
         raise ConfigError("sample: give --checkpoint PATH, --best best.json (or --url of a running service)")
+    if args.dry_run:
+        from .checkpoint import find, read_best
+
+        where = _there(read_best, args.best, args) if args.best else _there(find, args.checkpoint, args)
+        return dry_run(args, f"write {n} images of seed {args.seed} from {where} to {args.out} ({args.format})")
     sampler = Sampler(args.checkpoint, args.best)
     m = sampler.cfg.model
     labels = None
@@ -164,8 +199,8 @@ def _read_key(token_file: str | None) -> str | None:
         try:
             with open(os.path.expanduser(token_file)) as f:
                 return f.read().strip() or None
-        except OSError as e:
-            raise ConfigError(f"--token-file: cannot read {token_file}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+            raise ConfigError(f"--token-file: cannot read {token_file!r}: {getattr(e, 'strerror', None) or e}") from None
     return os.environ.get("AIGC_RAY_TOKEN", "").strip() or None
 
 
@@ -288,7 +323,10 @@ def cmd_serve(args) -> dict:
     _check_serving(args)
     served = _serve_args(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n,
                          token_sha256=token_sha256(key) if key else None)
-    read_best(args.best) if args.best else find(args.checkpoint)  # a bad path fails before Ray starts
+    where = _there(read_best, args.best, args) if args.best else _there(find, args.checkpoint, args)
+    if args.dry_run:
+        return dry_run(args, f"serve {where} at {_scheme(args)}://{args.host}:{args.port}/ with "
+                             f"{args.min_replicas}-{args.max_replicas} replicas" + (", API key on" if key else ""))
     _choose_ingress(args)
     init_ray(args.address)
     from ray import serve
@@ -325,6 +363,11 @@ def cmd_pipeline(args) -> dict:
     check_run_name(args.name)
     validate(replace(cfg, {"train.eval_every": 1, "train.eval_metric": pipeline.ranking_metric(cfg)}))
     train.check_inputs(cfg)
+    _tls(args)
+    if args.dry_run:
+        return dry_run(args, f"search {args.num_trials} trials x {args.search_steps} steps on {cfg.data.dataset}, "
+                             f"train the winner to {args.final_steps} steps, score, deploy on port {args.port} and "
+                             f"report under {cfg.run.storage}/{args.name}")
     _choose_ingress(args)
     init_ray(args.address, num_cpus=args.num_cpus)  # Ray's own chatter: LoggingConfig, unless --verbose
     out = pipeline.run(cfg, name=args.name, storage=cfg.run.storage, num_trials=args.num_trials,
@@ -341,12 +384,19 @@ def cmd_pipeline(args) -> dict:
     return out
 
 
-def _checkpoint_to_score(args, command: str) -> str:
-    """--checkpoint, or --best's checkpoint; a local Ray cluster (or --address) when Ray tasks share the work."""
-    from .checkpoint import read_best
+def _checkpoint_to_score(args, command: str) -> str | None:
+    """--checkpoint, or --best's checkpoint; a local Ray cluster (or --address) when Ray tasks share the work.
+    None under --dry-run, once it has said what it would do."""
+    from .checkpoint import find, read_best
 
     if not (args.checkpoint or args.best):
         raise ConfigError(f"{command}: give --checkpoint PATH or --best best.json")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers: must be >= 0, got {args.num_workers}")
+    if args.dry_run:
+        where = _there(read_best, args.best, args) if args.best else _there(find, args.checkpoint, args)
+        dry_run(args, f"{command} {where} with {args.num_samples} samples (seed {args.seed})")
+        return None
     checkpoint = read_best(args.best)["checkpoint"] if args.best else args.checkpoint
     if args.num_workers:
         init_ray(args.address)
@@ -357,7 +407,10 @@ def cmd_eval(args) -> dict:
     from . import metrics
 
     _seed(args.seed)
+    _positive(args.num_samples, "--num-samples")
     checkpoint = _checkpoint_to_score(args, "eval")
+    if checkpoint is None:
+        return None
     r = metrics.evaluate(checkpoint, args.metric, _positive(args.num_samples, "--num-samples"),
                          split=args.split, num_workers=args.num_workers, seed=args.seed)
     if not args.json and args.metric == "precision-recall":
@@ -375,7 +428,12 @@ def cmd_audit(args) -> dict:
     from . import audit
 
     _seed(args.seed)
+    _positive(args.num_samples, "--num-samples")
+    if args.heldout < 2:
+        raise ConfigError(f"--heldout: must be >= 2, got {args.heldout}")
     checkpoint = _checkpoint_to_score(args, "audit")
+    if checkpoint is None:
+        return None
     r = audit.run(checkpoint, num_samples=_positive(args.num_samples, "--num-samples"), heldout=args.heldout,
                   features=args.features, dataset=args.dataset, seed=args.seed, out=args.out,
                   num_workers=args.num_workers)
@@ -413,6 +471,11 @@ def cmd_tune(args) -> dict:
 
     validate(replace(cfg, {"train.eval_every": 1, "train.eval_metric": args.metric}))  # DP: ranked on public data
     train.check_inputs(cfg)
+    if args.workers_per_trial < 1 or args.gpus_per_trial < 0 or args.max_concurrent < 0:
+        raise ConfigError("tune: --workers-per-trial must be >= 1, --gpus-per-trial and --max-concurrent >= 0")
+    if args.dry_run:
+        return dry_run(args, f"search {args.num_trials} trials x {args.max_steps} steps on {cfg.data.dataset} "
+                             f"({args.scheduler}, ranked by {args.metric}) under {cfg.run.storage}/{args.name}")
     init_ray(args.address, log_to_driver=args.verbose)  # one line per trial report comes from the driver
     best = tune.search(cfg, name=args.name or "search", storage=cfg.run.storage, num_trials=args.num_trials,
                        max_steps=args.max_steps, metric=args.metric, space=space,
@@ -429,7 +492,7 @@ def cmd_forget(args) -> dict:
     from . import forget
 
     store = args.storage or os.environ.get("AIGC_RAY_STORAGE") or "~/aigc_ray/runs"
-    return forget.forget(args.dataset, store, yes=args.yes, caches=tuple(args.cache or ()))
+    return forget.forget(args.dataset, store, yes=args.yes and not args.dry_run, caches=tuple(args.cache or ()))
 
 
 def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool) -> None:
@@ -458,6 +521,7 @@ def _pipeline_flags(p: argparse.ArgumentParser, *, name: str, keep_serving: bool
                    help="after the report, keep serving until Ctrl-C [on in a terminal]")
     p.add_argument("--json", action="store_true", help="end with one JSON line of results")
     p.add_argument("--verbose", action="store_true", help="show Ray's own log lines (Train, Tune, Serve) too")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN)
 
 
 def _proxy_location_flag(p: argparse.ArgumentParser) -> None:
@@ -483,15 +547,35 @@ def _positive(v: int, name: str) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+DRY_RUN = "check everything that can be checked before Ray starts, say what would happen in one line, exit"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other mistake (`--help` still prints
+    the usage)."""
+
+    def error(self, message: str):
+        _say_error(f"{self.prog}: {message}")
+        raise SystemExit(2)
+
+
+def _say_error(message: str) -> None:
+    """One line on stderr, whatever bytes the user's arguments held (non-UTF-8 is escaped, never a crash)."""
+    line = "aigc-ray: error: " + " ".join(str(message).replace("aigc-ray: ", "", 1).split())
+    sys.stderr.write(line.encode("utf-8", "backslashreplace").decode("utf-8") + "\n")
+    sys.stderr.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aigc-ray", description="Train, tune and serve GANs on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="aigc-ray", description="Train, tune and serve GANs on Ray.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train or resume a GAN with Ray Train (DDP workers)")
     add_config_flags(t)
     t.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     t.add_argument("--json", action="store_true", help="end with one JSON line of results")
     t.add_argument("--verbose", action="store_true", help="show Ray Train's own log lines too")
+    t.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="a grid of images from a checkpoint's G_ema (or a running service)")
@@ -510,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "npz: one uint8 NHWC array 'images' with their 'seeds' [grid]")
     s.add_argument("--out", default="grid.png", help="the PNG, folder or .npz to write [grid.png]")
     s.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    s.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     s.set_defaults(fn=cmd_sample)
 
     tn = sub.add_parser("tune", help="search hyperparameters with Ray Tune, ranked by FID (ASHA early stopping)")
@@ -531,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--verbose", action="store_true", help="show Ray's own log lines from every worker too")
     tn.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     tn.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    tn.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     tn.set_defaults(fn=cmd_tune)
 
     sv = sub.add_parser("serve", help="serve a checkpoint with Ray Serve (HTTP, batching, autoscaling)")
@@ -561,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--verbose", action="store_true", help="show Ray Serve's own log lines (start-up, every request)")
     sv.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     sv.add_argument("--json", action="store_true")
+    sv.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     sv.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("eval", help="FID / fid-domain / KID / IS of a checkpoint's G_ema")
@@ -575,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="noise seed of the generated set [0]")
     e.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     e.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    e.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     e.set_defaults(fn=cmd_eval)
 
     a = sub.add_parser("audit", help="memorization audit: copy rate, MiFID and the closest sample/training pairs")
@@ -590,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="noise seed of the samples [0]")
     a.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
     a.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    a.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     a.set_defaults(fn=cmd_audit)
 
     r = sub.add_parser("fid-ref", help="compute (and cache) reference statistics of a dataset split")
@@ -608,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--cache", action="append", help="another cache folder to search (repeatable)")
     fg.add_argument("--yes", action="store_true", help="delete what is listed (without it: list only)")
     fg.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    fg.add_argument("--dry-run", action="store_true", help="list only, even with --yes")
     fg.set_defaults(fn=cmd_forget)
 
     pl = sub.add_parser("pipeline", help="search -> train the winner -> standard FID -> deploy -> report")
@@ -623,17 +713,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error already said in one line (2)
+        return int(e.code or 0)
     try:
         result = args.fn(args)
     except ConfigError as e:  # every user mistake: one line, exit 2
-        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        _say_error(str(e))
         return 2
     except KeyboardInterrupt:
         print("aigc-ray: interrupted", file=sys.stderr)
         return 130
     except RunError as e:  # a run that failed for real (e.g. train.TrainingFailed): one line, exit 1
-        print(f"aigc-ray: error: {e}", file=sys.stderr)
+        _say_error(str(e))
         return 1
     if result is not None:
         emit(result, getattr(args, "json", False))

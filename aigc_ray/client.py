@@ -31,7 +31,13 @@ class Client:
         import ssl
         from urllib.parse import urlsplit
 
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # an unclosed [IPv6, a port that is no number
+            ok = False
+        if not ok:
             raise ConfigError(f"--url: must look like http(s)://HOST:PORT, got {url!r}")
         self.url, self.model, self.timeout, self.token = url.rstrip("/"), model, timeout, token
         self.context = None

@@ -51,6 +51,12 @@ def is_remote(uri: str) -> bool:
 def normalize(uri: str | os.PathLike) -> str:
     """A canonical form: absolute local paths (~ expanded), remote URIs without a trailing '/'."""
     uri = str(uri)
+    if "\x00" in uri:
+        raise StorageError(f"storage: {uri!r} holds a NUL byte; no file system takes that")
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StorageError(f"storage: {uri.encode('utf-8', 'backslashreplace').decode()!r} is not valid UTF-8") from None
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if is_remote(uri):
