@@ -151,14 +151,11 @@ def cmd_sample(args) -> dict:
         where = _there(read_best, args.best, args) if args.best else _there(find, args.checkpoint, args)
         return dry_run(args, f"write {n} images of seed {args.seed} from {where} to {args.out} ({args.format})")
     sampler = Sampler(args.checkpoint, args.best)
-    m = sampler.cfg.model
     labels = None
     if args.cls is not None:
-        if not m.conditional:
-            raise ConfigError("--class: this checkpoint's model is not class-conditional")
-        if not 0 <= args.cls < m.num_classes:
-            raise ConfigError(f"--class: must be in [0, {m.num_classes}), got {args.cls}")
-        labels = [args.cls] * n
+        from .serve import class_index
+
+        labels = [class_index(sampler.cfg, args.cls)] * n
     done = {"n": n, "seed": args.seed, "format": args.format, "checkpoint": sampler.path, "step": sampler.meta["step"]}
     if args.format != "grid":
         from .images import export
@@ -588,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64, help="images in the grid [64]")
     s.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images [0]")
     s.add_argument("--truncation", type=float, default=None, help="redraw |z| above this (truncation trick)")
-    s.add_argument("--class", dest="cls", type=int, default=None, help="class index, for conditional models")
+    s.add_argument("--class", dest="cls", default=None,
+                   help="class of a conditional model: its index or its name (a person's folder name, e.g. alice)")
     s.add_argument("--format", choices=("grid", "png-dir", "npz"), default="grid",
                    help="grid: one PNG; png-dir: a folder of <seed>.png (for clean-fid, torch-fidelity); "
                         "npz: one uint8 NHWC array 'images' with their 'seeds' [grid]")

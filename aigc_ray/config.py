@@ -63,8 +63,12 @@ class ModelConfig:
     d_norm: str = opt("auto", "D normalisation: batch | layer | none; auto: none with wgan-gp, resnet or "
                               "spectral_norm, else batch")
     spectral_norm: bool = opt(True, "spectral normalisation on every D layer (and then no BatchNorm in D)")
-    conditional: bool = opt(False, "class-conditional G (label embedding) and D (projection); needs labels")
+    conditional: bool | None = opt(None, "class-conditional G (label embedding) and D (projection); needs labels; "
+                                         "unset: on for datasets of people (orl-faces, a folder with one subfolder "
+                                         "per person), else off")
     num_classes: int = opt(0, "classes of a conditional model; 0: the dataset's own")
+    class_names: tuple = opt((), "names of the classes in label order (filled from the dataset: a labeled "
+                                 "folder's subfolders); --class takes a name or an index")
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             return None
         raise ConfigError(f"{key}: must not be empty")
     kind = kind.replace(" | None", "")
+    if kind == "tuple":  # a list of names: JSON/YAML lists, or one comma-separated string from a flag
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{key}: must be a list of names, got {value!r}")
+        return tuple(v.strip() for v in items if v.strip())
     if kind.startswith("bool"):
         if isinstance(value, bool):
             return value
@@ -356,9 +365,9 @@ def cache_root(d: DataConfig) -> str:
 
 
 def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False, size: int = 0,
-            spent: list | None = None) -> Config:
-    """Make every 'auto' value concrete, given what the dataset (size: training images) and cluster are;
-    spent: the DP accountant history of the checkpoint the run resumes from."""
+            spent: list | None = None, class_names: list[str] | None = None, people: bool = False) -> Config:
+    """Make every 'auto' value concrete, given what the dataset (size: training images, its class names, whether
+    its labels are people) and cluster are; spent: the DP accountant history of a resumed checkpoint."""
     import time
 
     from . import privacy
@@ -367,13 +376,19 @@ def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = Fal
     if size:  # DP first: it picks D's normalisation, and sigma or the last step from epsilon
         cfg = replace(cfg, privacy.resolved(cfg, size, spent))
     lo, m, t, d = cfg.loss, cfg.model, cfg.train, cfg.data
-    if m.conditional and num_classes <= 0:
+    conditional = m.conditional if m.conditional is not None else (people and num_classes >= 2)
+    if conditional and num_classes <= 0:
         raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")
+    if conditional and num_classes < 2 and not m.num_classes:
+        raise ConfigError(f"model.conditional: {d.dataset} has one class (one subfolder); a conditional model needs "
+                          "at least 2 people (one subfolder each), or train it with --no-conditional")
     overrides = {
         "data.channels": d.channels or channels,
         "model.d_norm": m.d_norm if m.d_norm != "auto" else (
             "none" if lo.name == "wgan-gp" or m.arch == "resnet" or m.spectral_norm else "batch"),
-        "model.num_classes": (m.num_classes or num_classes) if m.conditional else 0,
+        "model.conditional": bool(conditional),
+        "model.num_classes": (m.num_classes or num_classes) if conditional else 0,
+        "model.class_names": (m.class_names or tuple(class_names or ())) if conditional else (),
         "loss.n_critic": lo.n_critic or (5 if lo.name == "wgan-gp" else 1),
         "train.amp": t.amp if t.amp != "auto" else ("bf16" if use_gpu else "none"),
         "augment.policy": cfg.augment.policy if cfg.augment.policy != "auto" else (

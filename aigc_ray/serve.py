@@ -22,7 +22,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 
+from .config import ConfigError
 from .images import grid, png_bytes
 from .seeds import latents
 
@@ -103,13 +104,35 @@ class Sampler:
     def info(self) -> dict[str, Any]:
         out = {"checkpoint": self.path, "step": self.meta["step"], "version": self.version,
                "config": self.cfg.to_dict(), "conditional": self.cfg.model.conditional,
-               "num_classes": self.cfg.model.num_classes, "image_size": self.cfg.data.image_size}
+               "num_classes": self.cfg.model.num_classes, "class_names": list(self.cfg.model.class_names),
+               "image_size": self.cfg.data.image_size}
         # epsilon and delta of a DP run and what they cover (with a search's cost, from best.json); None: no DP
         out["privacy"] = (self.best or {}).get("privacy") or self.meta.get("privacy")
         if self.best:
             out.update(metric=self.best.get("metric"), value=self.best.get("value"), trial_id=self.best.get("trial_id"))
             out["audit"] = self.best.get("audit")  # the memorization audit's copy rate, when the pipeline ran it
         return out
+
+
+def class_index(cfg, cls: int | str, flag: str = "--class") -> int:
+    """A class given by index or by name (a person's folder name, s7, t-shirt/top) as its index; an unknown
+    name is refused in one line naming the nearest known ones."""
+    import difflib
+
+    m = cfg.model
+    if not m.conditional:
+        raise ConfigError(f"{flag}: this model is not class-conditional")
+    names = list(m.class_names)
+    if isinstance(cls, str) and cls in names:
+        return names.index(cls)
+    if isinstance(cls, int) or (isinstance(cls, str) and cls.lstrip("-").isdigit()):
+        i = int(cls)
+        if not 0 <= i < m.num_classes:
+            raise ConfigError(f"{flag}: must be in [0, {m.num_classes}) or a name, got {cls}")
+        return i
+    near = difflib.get_close_matches(str(cls), names, n=3, cutoff=0.0) if names else []
+    known = f"; nearest: {', '.join(near)}" if near else " (this model's classes have no names: use an index)"
+    raise ConfigError(f"{flag}: unknown class {cls!r}{known}")
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -132,7 +155,8 @@ class GenerateRequest(BaseModel):
     seed: StrictInt = Seed
     format: Literal["png", "grid", "npy", "json"] = "png"
     truncation: Optional[float] = Field(None, gt=0, le=10, description="redraw |z| above this")
-    class_: Optional[StrictInt] = Field(None, alias="class", ge=0, description="class, for conditional models")
+    class_: Optional[Union[StrictInt, str]] = Field(None, alias="class", description=(
+        "class of a conditional model: its index, or its name (a person's folder name)"))
 
 
 class InterpolateRequest(BaseModel):
@@ -365,17 +389,16 @@ class GeneratorService:
             return await self._batched(item)
         return _run_items([item])[0]
 
-    def _check(self, sampler: Sampler, n: int, cls: int | None) -> list[int] | None:
+    def _check(self, sampler: Sampler, n: int, cls: int | str | None) -> list[int] | None:
         if n > self.args.max_n:
             raise BadRequest(422, f"n: must be between 1 and {self.args.max_n}, got {n}")
         m = sampler.cfg.model
         if cls is None:
             return [0] * n if m.conditional else None
-        if not m.conditional:
-            raise BadRequest(422, "class: this model is not class-conditional")
-        if cls >= m.num_classes:
-            raise BadRequest(422, f"class: must be in [0, {m.num_classes}), got {cls}")
-        return [cls] * n
+        try:
+            return [class_index(sampler.cfg, cls, "class")] * n
+        except ConfigError as e:
+            raise BadRequest(422, str(e)) from None
 
     @app.post("/generate", summary="Generate n images from a seed")
     async def generate(self, req: GenerateRequest):
@@ -390,7 +413,7 @@ class GeneratorService:
     @app.get("/sample.png", summary="A grid of n images, for quick looks and <img> tags")
     async def sample(self, n: int = Query(16, ge=1), seed: int = Query(0, ge=0, le=2**62),
                      truncation: Optional[float] = Query(None, gt=0, le=10),
-                     class_: Optional[int] = Query(None, alias="class", ge=0)):
+                     class_: Optional[str] = Query(None, alias="class", description="index or name")):
         sampler = await self._sampler()
         labels = self._check(sampler, n, class_)
         images = await self._images(sampler, list(range(seed, seed + n)), truncation, labels)

@@ -580,7 +580,8 @@ def prepare(cfg: Config, concurrent: int = 1) -> Config:
         workers, cpus = plan_workers(t.num_workers, t.cpus_per_worker, use_gpu, alive_nodes(), concurrent)
     cfg = replace(cfg, {"train.num_workers": workers, "train.cpus_per_worker": cpus})
     return resolve(cfg, channels=channels, num_classes=num_classes, use_gpu=use_gpu, size=data_mod.size(cfg.data),
-                   spent=spent_privacy(cfg))
+                   spent=spent_privacy(cfg), class_names=data_mod.class_names(cfg.data),
+                   people=data_mod.is_people(cfg.data))
 
 
 def _latest_meta(cfg: Config) -> dict[str, Any] | None:

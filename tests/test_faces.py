@@ -1,0 +1,76 @@
+"""Your digital double: the ORL faces offline, identities from folders (one subfolder per person), names
+everywhere a class is taken."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigc_ray import data, train
+from aigc_ray.config import Config, ConfigError, DataConfig, replace
+
+
+def test_orl_faces_are_40_people_with_photos_9_and_10_held_out():
+    tr, te = (data.load(DataConfig(dataset="orl-faces", image_size=32), s) for s in ("train", "test"))
+    assert tr.images.shape == (320, 1, 32, 32) and te.images.shape == (80, 1, 32, 32)
+    assert tr.labels.bincount().tolist() == [8] * 40 and te.labels.bincount().tolist() == [2] * 40
+    assert data.class_names(DataConfig(dataset="orl-faces"))[:3] == ["s1", "s2", "s3"]
+    flat = tr.images.flatten(1)
+    assert not any((flat == t).all(1).any() for t in te.images.flatten(1))  # no held-out photo is trained on
+    assert data.load(DataConfig(dataset="orl-faces", image_size=128), "test").images.shape[-2:] == (128, 128)
+    assert data.is_people(DataConfig(dataset="orl-faces")) and data.size(DataConfig(dataset="orl-faces")) == 320
+
+
+def _people(root, names, per=6):
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for j in range(per):
+            shade = 40 + 180 * i // max(1, len(names) - 1)
+            im = np.clip(rng.normal(shade, 20, (36, 36, 3)), 0, 255).astype("uint8")
+            Image.fromarray(im).save(root / name / f"{j}.png")
+    return root
+
+
+def _tiny(tmp_path, folder, **kw):
+    base = {"data.dataset": f"folder:{folder}", "data.channels": 1, "model.ngf": 8, "model.ndf": 8,
+            "model.latent_dim": 16, "train.batch_size": 4, "train.steps": 2, "train.ckpt_every": 2,
+            "train.num_workers": 0, "run.name": "people", "run.storage": str(tmp_path / "runs")}
+    return replace(Config(), {**base, **kw})
+
+
+def test_a_folder_of_people_trains_a_double_of_each_and_takes_their_names(tmp_path, capsys):
+    from aigc_ray.cli import main
+    from aigc_ray.serve import GenerateRequest, Sampler, class_index
+
+    folder = _people(tmp_path / "photos", ["alice", "bob", "carol"])
+    out = train.fit(_tiny(tmp_path, folder), quiet=True)
+    sampler = Sampler(out["checkpoint"])
+    info = sampler.info()
+    assert info["conditional"] and info["class_names"] == ["alice", "bob", "carol"] and info["num_classes"] == 3
+    assert class_index(sampler.cfg, "bob") == 1 == class_index(sampler.cfg, "1") == class_index(sampler.cfg, 1)
+    with pytest.raises(ConfigError, match=r"--class: unknown class 'alcie'; nearest: alice"):
+        class_index(sampler.cfg, "alcie")
+    assert GenerateRequest.model_validate({"n": 1, "seed": 0, "class": "carol"}).class_ == "carol"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["sample", "--checkpoint", out["checkpoint"], "--class", "alice", "--n", "4", "--out", str(a)]) == 0
+    assert main(["sample", "--checkpoint", out["checkpoint"], "--class", "0", "--n", "4", "--out", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()  # the name and the index are one class
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", out["checkpoint"], "--class", "alcie", "--out", str(a)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nearest: alice" in err[0]
+
+
+def test_a_flat_folder_stays_unlabeled_and_bad_people_folders_are_one_line(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "x.png")
+    assert data.class_names(DataConfig(dataset=f"folder:{flat}")) == [] and not data.is_people(
+        DataConfig(dataset=f"folder:{flat}"))
+    one = _people(tmp_path / "one", ["alice"])
+    with pytest.raises(ConfigError, match="a conditional model needs at least 2 people"):
+        train.prepare(_tiny(tmp_path, one, **{"model.conditional": True}))
+    empty = _people(tmp_path / "empty", ["alice", "bob"])
+    (empty / "carol").mkdir()
+    with pytest.raises(ConfigError, match="subfolder 'carol' of .* holds no images"):
+        data.class_names(DataConfig(dataset=f"folder:{empty}"))
