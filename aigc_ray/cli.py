@@ -485,6 +485,18 @@ def cmd_tune(args) -> dict:
     return best
 
 
+def cmd_export(args) -> dict:
+    from .export import export
+
+    r = export(args.checkpoint, args.format, args.out)
+    if not args.json:
+        check = (f"max abs difference from `sample`'s pixels: {r['max_abs_pixel_diff']} levels over "
+                 f"{r['checked_images']} images" if "max_abs_pixel_diff" in r else r.get("check", ""))
+        print(f"wrote {r['out']} ({r['format']}; inputs {', '.join(r['inputs'])}); {check}", flush=True)
+        return None
+    return r
+
+
 def cmd_forget(args) -> dict:
     from . import forget
 
@@ -688,6 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None)
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_fid_ref)
+
+    ex = sub.add_parser("export", help="G_ema as TorchScript or ONNX (latent and label in, image out), checked")
+    ex.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="[onnx]")
+    ex.add_argument("--out", required=True, help="the file to write (g.onnx, g.pt)")
+    ex.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    ex.set_defaults(fn=cmd_export)
 
     fg = sub.add_parser("forget", help="list (and with --yes delete) everything derived from a folder of photos")
     fg.add_argument("--dataset", required=True, help="folder:PATH, as it was given to train, tune or pipeline")

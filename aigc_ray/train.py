@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import sys
@@ -636,6 +637,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
 
     cfg = prepare(cfg)
     t, run_dir = cfg.train, run_dir_of(cfg)
+    if not verbose:  # in-process (local) runs: Ray Train's INFO lines come from this process's own logger
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     _check_resumable(cfg, run_dir)
     local = t.num_workers == 0
     check_cluster(cfg)

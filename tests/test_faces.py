@@ -3,6 +3,7 @@ everywhere a class is taken."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aigc_ray import data, train
@@ -74,3 +75,28 @@ def test_a_flat_folder_stays_unlabeled_and_bad_people_folders_are_one_line(tmp_p
     (empty / "carol").mkdir()
     with pytest.raises(ConfigError, match="subfolder 'carol' of .* holds no images"):
         data.class_names(DataConfig(dataset=f"folder:{empty}"))
+
+
+@pytest.mark.parametrize("fmt,name", [("onnx", "g.onnx"), ("torchscript", "g.pt")])
+def test_export_runs_outside_aigc_ray_and_draws_samples_pixels(tmp_path, capsys, fmt, name):
+    """G_ema with a latent and a label input; the ONNX file runs in onnxruntime and matches `sample`."""
+    import json
+
+    import onnxruntime  # noqa: F401 -- the check below runs the file there
+
+    from aigc_ray.cli import main
+
+    folder = _people(tmp_path / "photos", ["alice", "bob"])
+    out = train.fit(_tiny(tmp_path, folder), quiet=True)
+    target = tmp_path / "export" / name
+    assert main(["export", "--checkpoint", out["checkpoint"], "--format", fmt, "--out", str(target), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["inputs"] == ["z", "label"] and r["class_names"] == ["alice", "bob"] and target.stat().st_size > 1000
+    assert r["checked_images"] == 16 and r["max_abs_pixel_diff"] <= 1 and r["max_abs_output_diff"] < 1e-4
+    from aigc_ray.export import run_exported
+    from aigc_ray.seeds import image_seeds, latents
+
+    images = run_exported(target, fmt, (latents(image_seeds(5, 3), 16), torch.tensor([1, 0, 1])))
+    assert images.shape == (3, 1, 32, 32) and float(images.abs().max()) <= 1.0  # any batch size, any label
+    assert main(["export", "--checkpoint", str(tmp_path / "gone"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
