@@ -50,6 +50,8 @@ class DataConfig:
     root: str = opt("", "where torchvision datasets are kept or downloaded to; '': ~/.cache/aigc_ray/data")
     download: bool = opt(True, "let torchvision download a dataset that is not under root (needs network)")
     limit: int = opt(0, "train on the first N training images only (few-shot; the test split stays whole); 0: all")
+    face_crop: bool = opt(False, "folder datasets: crop each photo to its largest face (OpenCV Haar cascade), square "
+                                 "with a margin, eyes level; photos without a face are skipped and counted")
     cache: str = opt("", "folder or URI caching decoded images, domain classifiers and FID references; "
                          "'': $AIGC_RAY_CACHE, else <storage>/.cache for remote storage, else ~/.cache/aigc_ray")
 
@@ -303,6 +305,8 @@ def validate(cfg: Config) -> Config:
     _check(m.num_classes >= 0, "model.num_classes", "must be >= 0", m.num_classes)
     _check(m.arch in ARCHS, "model.arch", f"must be one of {ARCHS}", m.arch)
     _check(d.limit >= 0, "data.limit", "must be >= 0 (0: all)", d.limit)
+    _check(not d.face_crop or d.dataset.startswith("folder:"), "data.face_crop",
+           "is for folders of everyday photos (folder:PATH)", d.dataset)
     _check(lo.r1_weight >= 0, "loss.r1_weight", "must be >= 0", lo.r1_weight)
     a = cfg.augment
     if a.policy != "auto":

@@ -228,16 +228,28 @@ def _torchvision(cls_name: str, cfg: DataConfig, split: str):
     return x, np.asarray(ds.targets, dtype=np.int64)
 
 
-def _decode(files: list, size: int, channels: int, crop: int | None = None, names: list[str] | None = None) -> np.ndarray:
-    """Decode image files (paths, file objects or bytes) to uint8 (N, C, size, size): center crop, bicubic resize."""
+def _decode(files: list, size: int, channels: int, crop: int | None = None, names: list[str] | None = None,
+            face_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image files (paths, file objects or bytes) to uint8 (N, C, size, size): a center crop (or, with
+    face_crop, the largest face: faces.crop_face), bicubic resize. Also returns which images were kept: with
+    face_crop, a photo without a face is left out (its slot is zeros), never squashed whole."""
     from PIL import Image, UnidentifiedImageError
 
     mode = "L" if channels == 1 else "RGB"
-    out = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    out = np.zeros((len(files), size, size, channels), dtype=np.uint8)
+    kept = np.ones(len(files), dtype=bool)
     for i, f in enumerate(files):
         try:
             with Image.open(io.BytesIO(f) if isinstance(f, bytes) else f) as im:
                 im = im.convert(mode)
+                if face_crop:
+                    from .faces import crop_face
+
+                    face = crop_face(np.asarray(im), size)
+                    kept[i] = face is not None
+                    if face is not None:
+                        out[i] = face.reshape(size, size, channels)
+                    continue
                 w, h = im.size
                 side = crop or min(w, h)
                 left, top = (w - side) // 2, (h - side) // 2
@@ -246,19 +258,19 @@ def _decode(files: list, size: int, channels: int, crop: int | None = None, name
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DataError(f"data.dataset: cannot read image {names[i] if names else f}: "
                             f"{str(e).splitlines()[0]}") from None
-    return out.transpose(0, 3, 1, 2)
+    return out.transpose(0, 3, 1, 2), kept
 
 
 def _decode_uris(uris: list[str], blobs: list[bytes] | None, size: int, channels: int,
-                 crop: int | None) -> np.ndarray:
+                 crop: int | None, face_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One Ray task's share: read the files from storage (or take the bytes shipped with it) and decode."""
     return _decode(blobs if blobs is not None else [storage.read_bytes(u) for u in uris], size, channels, crop,
-                   names=uris)
+                   names=uris, face_crop=face_crop)
 
 
-def decode_files(uris: list[str], size: int, channels: int, crop: int | None = None,
-                 chunk: int = 64) -> np.ndarray:
-    """Decode image files in parallel across the cluster's CPUs, in order, when Ray is running.
+def decode_files(uris: list[str], size: int, channels: int, crop: int | None = None, chunk: int = 64,
+                 face_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image files in parallel across the cluster's CPUs, in order, when Ray is running; (images, kept).
 
     Files in an object store are read by the tasks themselves; files only this machine has are read
     here and shipped with the task, so no node ever needs them on its own disk.
@@ -266,19 +278,20 @@ def decode_files(uris: list[str], size: int, channels: int, crop: int | None = N
     import ray
 
     if not ray.is_initialized() or len(uris) <= chunk:
-        return _decode_uris(uris, None, size, channels, crop)
+        return _decode_uris(uris, None, size, channels, crop, face_crop)
     task = ray.remote(num_cpus=1, max_retries=3)(_decode_uris)
     refs = []
     for i in range(0, len(uris), chunk):
         part = uris[i:i + chunk]
         blobs = None if storage.is_remote(part[0]) else [storage.read_bytes(u) for u in part]
-        refs.append(task.remote(part, blobs, size, channels, crop))
+        refs.append(task.remote(part, blobs, size, channels, crop, face_crop))
     try:
-        return np.concatenate(ray.get(refs))
+        parts = ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, (DataError, storage.StorageError)):
             raise e.cause from None
         raise
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def dataset_id(name: str) -> str:
@@ -290,18 +303,19 @@ def dataset_id(name: str) -> str:
     return name
 
 
-def _cached(cache: str, ident: str, key: str, make) -> np.ndarray:
-    """Decoded image arrays (pixels only) are cached under <cache>/decoded as <dataset id>-<hash of the content
-    key>.npy (decoding is slow)."""
+def _cached(cache: str, ident: str, key: str, make) -> dict[str, np.ndarray]:
+    """Decoded arrays (pixels only, and which photos were kept) are cached under <cache>/decoded as <dataset
+    id>-<hash of the content key>.npz (decoding is slow). make() returns {"images": ..., "kept": ...}."""
     uri = storage.join(storage.normalize(cache), "decoded",
-                       f"{ident}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+                       f"{ident}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
     if storage.exists(uri):
-        return np.load(io.BytesIO(storage.read_bytes(uri)))
-    arr = make()
+        with np.load(io.BytesIO(storage.read_bytes(uri))) as z:
+            return {k: z[k] for k in z.files}
+    arrays = make()
     buf = io.BytesIO()
-    np.save(buf, arr)
+    np.savez(buf, **arrays)
     storage.write_bytes(uri, buf.getvalue())  # whole or not at all: never a half-written cache entry
-    return arr
+    return arrays
 
 
 def image_files(folder: str) -> list[storage.Entry]:
@@ -331,11 +345,25 @@ def _folder_files(cfg: DataConfig) -> list[storage.Entry]:
     return files
 
 
-def _folder(cfg: DataConfig, channels: int) -> np.ndarray:
+def _folder(cfg: DataConfig, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A folder's images and which files they came from (all of them, unless face_crop skipped some)."""
     files = _folder_files(cfg)  # sorted by path, so labels (_folder_classes) follow the same order
     key = "|".join(f"{f.uri}:{f.size}:{f.mtime_ns}" for f in files)
-    return _cached(cache_root(cfg), dataset_id(cfg.dataset), f"folder|{cfg.image_size}|{channels}|{key}",
-                   lambda: decode_files([f.uri for f in files], cfg.image_size, channels))
+    crop = "|faces" if cfg.face_crop else ""
+
+    def make():
+        images, kept = decode_files([f.uri for f in files], cfg.image_size, channels, face_crop=cfg.face_crop)
+        return {"images": images[kept], "kept": np.flatnonzero(kept)}
+
+    got = _cached(cache_root(cfg), dataset_id(cfg.dataset), f"folder|{cfg.image_size}|{channels}{crop}|{key}", make)
+    if cfg.face_crop:
+        if not len(got["kept"]):
+            raise DataError(f"data.face_crop: no face found in any of the {len(files)} photos of {cfg.dataset}; "
+                            "train without --face-crop, or with photos that show a face")
+        if len(got["kept"]) < len(files):
+            print(f"[aigc_ray] face crop: a face in {len(got['kept'])} of {len(files)} photos; the "
+                  f"{len(files) - len(got['kept'])} without one are skipped", flush=True)
+    return got["images"], got["kept"]
 
 
 def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
@@ -350,7 +378,7 @@ def _celeba(cfg: DataConfig, split: str, channels: int) -> np.ndarray:
     files = [str(Path(ds.root) / ds.base_folder / "img_align_celeba" / f) for f in ds.filename]
     # The usual CelebA protocol: a 108x108 center crop of the aligned 178x218 faces, then resize.
     return _cached(cache_root(cfg), "celeba", f"celeba|{split}|{cfg.image_size}|{channels}|{root}",
-                   lambda: decode_files(files, cfg.image_size, channels, crop=108))
+                   lambda: {"images": decode_files(files, cfg.image_size, channels, crop=108)[0]})["images"]
 
 
 SIZES = {"fashion-mnist": 60000, "mnist-5k": 5000, "mnist": 60000, "cifar10": 50000, "celeba": 162770,
@@ -359,7 +387,10 @@ SIZES = {"fashion-mnist": 60000, "mnist-5k": 5000, "mnist": 60000, "cifar10": 50
 
 def size(cfg: DataConfig) -> int:
     """Training images a run sees (after data.limit); a folder is listed, not decoded."""
-    n = len(_folder_files(cfg)) if cfg.dataset.startswith("folder:") else SIZES[cfg.dataset]
+    if cfg.dataset.startswith("folder:"):  # with face_crop, the photos a face was found in (decoded once, cached)
+        n = len(_folder(cfg, cfg.channels or 3)[1]) if cfg.face_crop else len(_folder_files(cfg))
+    else:
+        n = SIZES[cfg.dataset]
     return min(n, cfg.limit) if cfg.limit else n
 
 
@@ -382,8 +413,9 @@ def _load(cfg: DataConfig, split: str) -> ImageSet:
     labels = None
     if cfg.dataset.startswith("folder:"):
         names, labels = _folder_classes(_folder_files(cfg))
-        return ImageSet(torch.from_numpy(_folder(cfg, channels)),
-                        None if labels is None else torch.tensor(labels, dtype=torch.int64), len(names), cfg.dataset)
+        images, kept = _folder(cfg, channels)
+        y = None if labels is None else torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)]
+        return ImageSet(torch.from_numpy(images), y, len(names), cfg.dataset)
     if cfg.dataset == "orl-faces":
         x, y = _orl(cfg, split, channels)
         return ImageSet(torch.from_numpy(x), torch.from_numpy(y), num_classes, cfg.dataset)

@@ -39,7 +39,8 @@ def test_folder_dataset_recurses_and_center_crops(tmp_path, monkeypatch):
     _write_images(tmp_path / "faces" / "a", 3)
     _write_images(tmp_path / "faces" / "b", 2)
     ds = data.load(DataConfig(dataset=f"folder:{tmp_path / 'faces'}", image_size=32))
-    assert ds.images.shape == (5, 3, 32, 32) and ds.labels is None
+    assert ds.images.shape == (5, 3, 32, 32)
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1] and ds.num_classes == 2  # a subfolder each: a label each
 
 
 def test_folder_errors_are_one_clear_line(tmp_path, monkeypatch):

@@ -100,3 +100,60 @@ def test_export_runs_outside_aigc_ray_and_draws_samples_pixels(tmp_path, capsys,
     assert images.shape == (3, 1, 32, 32) and float(images.abs().max()) <= 1.0  # any batch size, any label
     assert main(["export", "--checkpoint", str(tmp_path / "gone"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def _pasted(seed: int, person: int, photo: int = 1) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """An ORL photo pasted at a random offset and scale into a larger, smooth random background; returns the
+    picture and where the face's square went (x, y, w, h)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    face = np.asarray(Image.open(data.find_orl() / f"s{person}" / f"{photo}.pgm").convert("RGB"))
+    scale = rng.uniform(1.0, 2.0)
+    face = cv2.resize(face, (int(92 * scale), int(112 * scale)))
+    h, w = 360, 480
+    img = cv2.resize(rng.integers(0, 256, (6, 8, 3)).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    x0, y0 = int(rng.integers(0, w - face.shape[1])), int(rng.integers(0, h - face.shape[0]))
+    img[y0:y0 + face.shape[0], x0:x0 + face.shape[1]] = face
+    left, top, right, bottom = data.ORL_CROP
+    return img, (x0 + left * scale, y0 + top * scale, (right - left) * scale, (bottom - top) * scale)
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
+
+
+def test_faces_pasted_into_larger_pictures_are_found_where_they_were_put():
+    import cv2
+
+    from aigc_ray import faces
+
+    ious = []
+    for k in range(20):
+        img, truth = _pasted(k, person=2 * k + 1)
+        box = faces.find_face(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY))
+        ious.append(0.0 if box is None else _iou(faces.crop_box(box), truth))
+    assert min(ious) >= 0.5, [round(i, 2) for i in ious]
+
+
+def test_face_crop_trains_on_the_faces_and_counts_the_photos_without_one(tmp_path, capsys):
+    photos = tmp_path / "everyday"
+    photos.mkdir()
+    for k in range(3):
+        Image.fromarray(_pasted(100 + k, person=k + 1)[0]).save(photos / f"{k}.jpg")
+    Image.fromarray(np.full((200, 300, 3), 120, np.uint8)).save(photos / "wall.jpg")  # no face in it
+    cfg = DataConfig(dataset=f"folder:{photos}", image_size=32, face_crop=True)
+    faces_only = data.load(cfg)
+    assert len(faces_only) == 3 and data.size(cfg) == 3
+    assert "a face in 3 of 4 photos; the 1 without one are skipped" in capsys.readouterr().out
+    nothing = tmp_path / "walls"
+    nothing.mkdir()
+    Image.fromarray(np.full((200, 300, 3), 90, np.uint8)).save(nothing / "a.png")
+    with pytest.raises(ConfigError, match="no face found in any of the 1 photos"):
+        data.load(DataConfig(dataset=f"folder:{nothing}", face_crop=True))
+    with pytest.raises(ConfigError, match="data.face_crop: is for folders"):
+        from aigc_ray.config import validate
+
+        validate(replace(Config(), {"data.face_crop": True}))
