@@ -485,6 +485,37 @@ def cmd_tune(args) -> dict:
     return best
 
 
+def cmd_invert(args) -> dict:
+    """The latent of a photo in a checkpoint's G (GAN inversion): latent.npz, reconstruction.png, loss.png."""
+    from . import storage
+    from .checkpoint import find, load_generator
+    from .invert import invert, photo_tensor, write
+
+    _positive(args.steps, "--steps")
+    path = str(find(args.checkpoint))
+    try:
+        blob = storage.read_bytes(args.image)
+    except storage.StorageError as e:
+        raise ConfigError(f"--image: {e}") from None
+    g, cfg, _ = load_generator(path)
+    photo = photo_tensor(blob, cfg)
+    label = None
+    if args.cls is not None or cfg.model.conditional:
+        from .serve import class_index
+
+        if args.cls is None:
+            raise ConfigError("--class: this model is conditional: say whose double (a name or an index)")
+        label = class_index(cfg, args.cls)
+    inv = invert(g, cfg, photo, label=label, steps=args.steps, seed=args.seed)
+    names = list(cfg.model.class_names)
+    r = write(args.out, inv, photo, names[label] if label is not None and label < len(names) else None)
+    if not args.json:
+        print(f"wrote {r['out']}/latent.npz, reconstruction.png, loss.png: {r['steps']} steps, pixel error "
+              f"{r['pixel_error']:.1f} levels, {r['seconds']} s", flush=True)
+        return None
+    return r
+
+
 def cmd_export(args) -> dict:
     from .export import export
 
@@ -700,6 +731,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None)
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_fid_ref)
+
+    iv = sub.add_parser("invert", help="find yourself in the model: the latent whose image matches a photo")
+    iv.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
+    iv.add_argument("--image", required=True, help="the photo (PNG/JPEG; a path or URI)")
+    iv.add_argument("--class", dest="cls", default=None, help="whose double: a name or an index (conditional models)")
+    iv.add_argument("--steps", type=int, default=200, help="optimisation steps [200]")
+    iv.add_argument("--seed", type=int, default=0, help="seed of the random starting latents [0]")
+    iv.add_argument("--out", required=True, help="folder for latent.npz, reconstruction.png, loss.png")
+    iv.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    iv.set_defaults(fn=cmd_invert)
 
     ex = sub.add_parser("export", help="G_ema as TorchScript or ONNX (latent and label in, image out), checked")
     ex.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")

@@ -149,12 +149,14 @@ def train_domain(cfg: DataConfig, epochs: int = 5, seed: int = 0, log=print) -> 
                            "only the standard FID (--metric fid) applies")
     train, test = data.load(cfg, "train"), data.load(cfg, "test")
     # A few minutes of silence on a first run would read as a hang: say what runs, and that it runs once.
+    steps = epochs * (len(train) // 128)
+    if len(train) < 1000:  # a few hundred photos (orl-faces: 8 of each of 40 people) need more passes to learn
+        steps = max(steps, 600)
     log(f"[aigc_ray] training the domain classifier for fid-domain on {cfg.dataset} at {cfg.image_size}px "
-        f"({epochs} epochs of {len(train):,} images), once: later runs load it from the cache")
+        f"({steps} steps of 128 of its {len(train):,} images), once: later runs load it from the cache")
     torch.manual_seed(seed)
     net = DomainNet(train.images.shape[1], train.num_classes)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    steps = epochs * (len(train) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     batches = data.Batches(train, 128, seed=seed)
     t0 = time.time()
@@ -170,7 +172,7 @@ def train_domain(cfg: DataConfig, epochs: int = 5, seed: int = 0, log=print) -> 
     pred = torch.cat([ext.probs(c).argmax(1) for c in test.images.split(2000)])
     acc = float((pred == test.labels).float().mean())
     log(f"[aigc_ray] domain classifier for {cfg.dataset} at {cfg.image_size}px: "
-        f"{acc:.2%} test accuracy after {epochs} epochs ({time.time() - t0:.0f} s)")
+        f"{acc:.2%} test accuracy after {steps} steps ({time.time() - t0:.0f} s)")
     return net, acc
 
 

@@ -15,6 +15,7 @@ batch. Several checkpoints can be served side by side (the `models` registry, ch
 
 import asyncio
 import base64
+import copy
 import hashlib
 import hmac
 import io
@@ -50,6 +51,9 @@ class ServeArgs(BaseModel):
     batching: bool = Field(True, description="merge concurrent requests (off: one forward per request)")
     chunk: int = Field(16, ge=1, description="G's fixed forward batch: results never depend on batch mates")
     max_body_bytes: int = Field(4096, ge=256, description="larger request bodies are refused (413)")
+    max_upload_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                  description="POST /invert: larger photos are refused (413)")
+    invert_steps: int = Field(100, ge=1, le=1000, description="POST /invert: the most optimisation steps allowed")
     token_sha256: Optional[str] = Field(None, pattern="^[0-9a-f]{64}$", description=(
         "sha256 (hex) of the API key; set: every endpoint but / and /healthz needs Authorization: Bearer <key>"))
     threads: int = Field(0, ge=0, description="torch threads per replica; 0: its CPUs")
@@ -114,6 +118,14 @@ class Sampler:
         return out
 
 
+def _latent(values: list[float], sampler: Sampler, field: str) -> torch.Tensor:
+    z = torch.tensor(values, dtype=torch.float32)
+    if z.numel() != sampler.cfg.model.latent_dim or not torch.isfinite(z).all():
+        raise BadRequest(422, f"{field}: must be {sampler.cfg.model.latent_dim} finite numbers (this model's "
+                              f"latent_dim), got {z.numel()}")
+    return z.to(sampler.device)
+
+
 def class_index(cfg, cls: int | str, flag: str = "--class") -> int:
     """A class given by index or by name (a person's folder name, s7, t-shirt/top) as its index; an unknown
     name is refused in one line naming the nearest known ones."""
@@ -157,12 +169,17 @@ class GenerateRequest(BaseModel):
     truncation: Optional[float] = Field(None, gt=0, le=10, description="redraw |z| above this")
     class_: Optional[Union[StrictInt, str]] = Field(None, alias="class", description=(
         "class of a conditional model: its index, or its name (a person's folder name)"))
+    latent: Optional[list[float]] = Field(None, max_length=4096, description=(
+        "a latent z instead of the seed's (from POST /invert): latent_dim numbers; n must be 1"))
 
 
 class InterpolateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     seed_a: StrictInt = Seed
     seed_b: StrictInt = Seed
+    latent_a: Optional[list[float]] = Field(None, max_length=4096, description="a latent instead of seed_a's")
+    latent_b: Optional[list[float]] = Field(None, max_length=4096, description="a latent instead of seed_b's")
+    class_: Optional[Union[StrictInt, str]] = Field(None, alias="class", description="class of a conditional model")
     steps: StrictInt = Field(8, ge=2, le=64)
     format: Literal["grid", "gif"] = "grid"
 
@@ -262,13 +279,14 @@ class Guard:
         if cfg["max_inflight"] is not None and Guard.inflight >= cfg["max_inflight"]:
             return await self._refuse(send, 503, f"overloaded: {Guard.inflight} requests in progress on this "
                                                  "replica; retry shortly", ((b"retry-after", b"1"),))
+        limit = cfg.get("max_upload_bytes", 2 << 20) if scope["path"] == "/invert" else cfg["max_body_bytes"]
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg["max_body_bytes"]):
-            return await self._refuse(send, 413, f"request body over {cfg['max_body_bytes']} bytes")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._refuse(send, 413, f"request body over {limit} bytes")
         if scope.get("method") in ("POST", "PUT", "PATCH"):  # read the body here, never more than the limit:
-            body = await self._bounded_body(receive, cfg["max_body_bytes"])  # a chunked body has no length
+            body = await self._bounded_body(receive, limit)  # a chunked body has no length
             if body is None:
-                return await self._refuse(send, 413, f"request body over {cfg['max_body_bytes']} bytes")
+                return await self._refuse(send, 413, f"request body over {limit} bytes")
             receive = self._replay(body)
         fault = headers.get(b"x-aigc-ray-fault") if self.faults else None
         if fault == b"crash":
@@ -354,6 +372,7 @@ class GeneratorService:
         if self.args.threads:
             torch.set_num_threads(self.args.threads)
         Guard.settings = {"max_body_bytes": self.args.max_body_bytes, "token_sha256": self.args.token_sha256,
+                          "max_upload_bytes": self.args.max_upload_bytes,
                           "max_inflight": _max_inflight()}
         self.default = Sampler(self.args.checkpoint, self.args.best, self.args.chunk)
         self._batched.set_max_batch_size(self.args.max_batch_size)
@@ -406,6 +425,12 @@ class GeneratorService:
         labels = self._check(sampler, req.n, req.class_)
         if req.format == "png" and req.n != 1:
             raise BadRequest(422, "format: png returns one image; use n=1, or format grid")
+        if req.latent is not None:  # your own latent (POST /invert), not a seed's
+            if req.n != 1:
+                raise BadRequest(422, "latent: gives one image; use n=1")
+            z = _latent(req.latent, sampler, "latent").unsqueeze(0)
+            images = await asyncio.get_running_loop().run_in_executor(None, sampler.forward, z, labels)
+            return _encode(images, req.format, [], sampler)
         seeds = list(range(req.seed, req.seed + req.n))
         images = await self._images(sampler, seeds, req.truncation, labels)
         return _encode(images, req.format, seeds, sampler)
@@ -424,11 +449,40 @@ class GeneratorService:
         sampler = await self._sampler()
         m = sampler.cfg.model
         a, b = latents([req.seed_a, req.seed_b], m.latent_dim)
+        if req.latent_a is not None:  # walk from your own photo's latent (POST /invert) to any seed
+            a = _latent(req.latent_a, sampler, "latent_a")
+        if req.latent_b is not None:
+            b = _latent(req.latent_b, sampler, "latent_b")
+        labels = (self._check(sampler, 1, req.class_) or [None])[0]
         z = torch.stack([slerp(a, b, t) for t in np.linspace(0, 1, req.steps)]).to(sampler.device)
-        x = await asyncio.get_running_loop().run_in_executor(None, sampler.forward, z)
+        x = await asyncio.get_running_loop().run_in_executor(
+            None, sampler.forward, z, None if labels is None else [labels] * req.steps)
         if req.format == "gif":
             return Response(_gif(x), media_type="image/gif")
         return _encode(x, "grid", [], sampler, nrow=req.steps)
+
+    @app.post("/invert", summary="The latent of your photo: upload an image (the body), get z for /generate")
+    async def invert(self, request: Request, class_: Optional[str] = Query(None, alias="class"),
+                     steps: int = Query(50, ge=1, le=1000)):
+        from .invert import feature_fn, invert, photo_tensor
+
+        sampler = await self._sampler()
+        if steps > self.args.invert_steps:
+            raise BadRequest(422, f"steps: at most {self.args.invert_steps} on this service, got {steps}")
+        label = (self._check(sampler, 1, class_) or [None])[0] if class_ is not None or \
+            sampler.cfg.model.conditional else None
+        if sampler.cfg.model.conditional and class_ is None:
+            raise BadRequest(422, "class: this model is conditional: say whose double (?class=NAME)")
+        try:
+            photo = photo_tensor(await request.body(), sampler.cfg, "body")
+        except ConfigError as e:
+            raise BadRequest(422, str(e)) from None
+        g = sampler.g if sampler.device.type == "cpu" else copy.deepcopy(sampler.g).cpu()
+        inv = await asyncio.get_running_loop().run_in_executor(  # the domain classifier only if already cached
+            None, lambda: invert(g, sampler.cfg, photo, label=label, steps=steps,
+                                 features=feature_fn(sampler.cfg, train_domain=False)))
+        return {"latent": inv.z.tolist(), "class": inv.label, "steps": steps, "pixel_error": inv.pixel_error,
+                "seconds": inv.seconds, "latent_dim": sampler.cfg.model.latent_dim}
 
     @app.get("/info", summary="What is served: checkpoint, step, config, metric, version")
     async def info(self):

@@ -157,3 +157,34 @@ def test_face_crop_trains_on_the_faces_and_counts_the_photos_without_one(tmp_pat
         from aigc_ray.config import validate
 
         validate(replace(Config(), {"data.face_crop": True}))
+
+
+def test_invert_finds_a_latent_whose_image_is_the_reconstruction(tmp_path, capsys):
+    import json
+
+    from aigc_ray.cli import main
+    from aigc_ray.serve import Sampler
+
+    folder = _people(tmp_path / "photos", ["alice", "bob"])
+    out = train.fit(_tiny(tmp_path, folder, **{"train.steps": 4}), quiet=True)
+    me = tmp_path / "me.png"
+    Image.fromarray(np.full((50, 40, 3), 200, np.uint8)).save(me)
+    assert main(["invert", "--checkpoint", out["checkpoint"], "--image", str(me), "--class", "bob", "--steps", "30",
+                 "--out", str(tmp_path / "me"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["files"] == ["latent.npz", "loss.png", "reconstruction.png"] and r["class"] == "bob"
+    saved = np.load(tmp_path / "me" / "latent.npz")
+    assert saved["z"].shape == (16,) and int(saved["label"]) == 1 and saved["losses"][-1] < saved["losses"][0]
+    sampler = Sampler(out["checkpoint"])  # the latent is usable where a seed is: its image is the reconstruction
+    again = sampler.forward(torch.from_numpy(saved["z"])[None], [1])[0]
+    recon = np.asarray(Image.open(tmp_path / "me" / "reconstruction.png"))  # [photo | G(z)], 2 px apart
+    right = recon[2:34, 36:68].reshape(32, 32, -1)[..., :1]
+    assert np.abs(right.astype(int) - again.astype(int)).max() <= 1
+    for args, needle in [(["--class", "zed"], "unknown class 'zed'"), ([], "this model is conditional"),
+                         (["--class", "bob", "--image", str(tmp_path / "me" / "latent.npz")], "not an image")]:
+        image = [] if "--image" in args else ["--image", str(me)]
+        code = main(["invert", "--checkpoint", out["checkpoint"], *image, *args, "--steps", "1", "--out",
+                     str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad").exists()

@@ -195,6 +195,33 @@ def test_a_chunked_body_without_a_length_is_refused_past_the_limit(service):
     assert httpx.get(URL + "/healthz", timeout=30).status_code == 200  # the replica lives on
 
 
+def test_invert_a_photo_then_generate_and_walk_from_its_latent(service):
+    """POST /invert (an image upload behind the same guard) returns a latent; /generate and /interpolate take it."""
+    photo = io.BytesIO()
+    Image.fromarray(np.full((40, 30), 180, np.uint8)).save(photo, "PNG")
+    r = httpx.post(URL + "/invert?steps=3", content=photo.getvalue(), headers={"content-type": "image/png"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    z = r.json()["latent"]
+    assert len(z) == 16 and r.json()["steps"] == 3
+    g = httpx.post(URL + "/generate", json={"n": 1, "seed": 0, "latent": z, "format": "npy"}, timeout=30)
+    assert g.status_code == 200 and np.load(io.BytesIO(g.content)).shape == (1, 32, 32, 1)
+    walk = httpx.post(URL + "/interpolate", json={"seed_a": 0, "seed_b": 5, "latent_a": z, "steps": 4}, timeout=30)
+    assert walk.status_code == 200 and _png(walk.content).size[0] > 32
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (20, 20)).save(cmyk, "JPEG")
+    for kwargs, status, needle in [
+        ({"content": b"not an image"}, 422, "not an image"),
+        ({"content": cmyk.getvalue()}, 422, "CMYK image with 4 channels"),
+        ({"content": b"x" * (2 * 1024 * 1024 + 1)}, 413, "over"),
+        ({"content": photo.getvalue(), "params": {"steps": 5000}}, 422, "steps"),
+    ]:
+        bad = httpx.post(URL + "/invert", timeout=60, **kwargs)
+        assert bad.status_code == status and needle in bad.json()["error"], bad.text
+    short = httpx.post(URL + "/generate", json={"n": 1, "seed": 0, "latent": [0.0] * 3}, timeout=30)
+    assert short.status_code == 422 and "16 finite numbers" in short.json()["error"]
+
+
 def test_multiplexed_models_by_header(service):
     h = {"serve_multiplexed_model_id": "other"}
     with httpx.Client(base_url=URL, timeout=30) as c:
