@@ -367,7 +367,7 @@ def cmd_pipeline(args) -> dict:
                              f"report under {cfg.run.storage}/{args.name}")
     _choose_ingress(args)
     init_ray(args.address, num_cpus=args.num_cpus)  # Ray's own chatter: LoggingConfig, unless --verbose
-    out = pipeline.run(cfg, name=args.name, storage=cfg.run.storage, num_trials=args.num_trials,
+    out = pipeline.run(cfg, name=args.name, num_trials=args.num_trials,
                        search_steps=args.search_steps, final_steps=args.final_steps,
                        final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
                        fid_samples=args.fid_samples, ref_images=args.ref_images, space=space,
@@ -474,7 +474,7 @@ def cmd_tune(args) -> dict:
         return dry_run(args, f"search {args.num_trials} trials x {args.max_steps} steps on {cfg.data.dataset} "
                              f"({args.scheduler}, ranked by {args.metric}) under {cfg.run.storage}/{args.name}")
     init_ray(args.address, log_to_driver=args.verbose)  # one line per trial report comes from the driver
-    best = tune.search(cfg, name=args.name or "search", storage=cfg.run.storage, num_trials=args.num_trials,
+    best = tune.search(cfg, name=args.name or "search", num_trials=args.num_trials,
                        max_steps=args.max_steps, metric=args.metric, space=space,
                        workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
                        max_concurrent=args.max_concurrent, searcher=args.searcher,

@@ -35,7 +35,7 @@ def ranking_metric(cfg: Config, metric: str = "fid-domain") -> str:
     return metric
 
 
-def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_steps: int = 300,
+def run(base: Config, *, name: str, num_trials: int = 4, search_steps: int = 300,
         final_steps: int = 1000, final_workers: int = -1, metric: str = "fid-domain", eval_samples: int = 1000,
         fid_samples: int = 500, ref_images: int = 500, space: dict | None = None, max_concurrent: int = 0,
         host: str = "127.0.0.1", port: int = 8000, proxy_location: str = "EveryNode", app_name: str = "aigc",
@@ -65,13 +65,13 @@ def run(base: Config, *, name: str, storage: str, num_trials: int = 4, search_st
     train.check_inputs(base)
     train.check_cluster(replace(base, {"train.num_workers": max(final_workers, 0)}))
 
-    root = storage_mod.join(storage_mod.normalize(storage), name)
+    root = storage_mod.join(storage_mod.normalize(base.run.storage), name)  # the location, from the config alone
     stages: dict[str, float] = {}
     t0 = time.time()
 
     # [1] Search: Ray Tune over Ray Train trials, ranked by the fast domain FID, ASHA stopping laggards.
     log(f"[aigc_ray] 1/5 search: {num_trials} trials x {search_steps} steps, ranked by {metric}")
-    best = tune.search(replace(base, {"run.storage": root}), name="search", storage=root,
+    best = tune.search(replace(base, {"run.storage": root}), name="search",
                        num_trials=num_trials, max_steps=search_steps, metric=metric,
                        space=space if space is not None else DEMO_SPACE, eval_every=max(1, search_steps // 3),
                        eval_samples=eval_samples, max_concurrent=max_concurrent, seed=base.train.seed, log=log)

@@ -195,12 +195,13 @@ def _trial(config: dict[str, Any], inputs: dict) -> None:
         raise done["error"]
 
 
-def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps: int, metric: str = "fid-domain",
+def search(base: Config, *, name: str, num_trials: int, max_steps: int, metric: str = "fid-domain",
            space: dict[str, Any] | None = None, workers_per_trial: int = 1, gpus_per_trial: float = 0,
            max_concurrent: int = 0, searcher: str = "random", eval_every: int = 0, grace_steps: int = 0,
            eval_samples: int = 1000, seed: int = 0, scheduler: str = "asha", perturb_every: int = 0,
            quantile: float = 0.25, log=print) -> dict[str, Any]:
-    """Run (or resume) the search `name`; writes trials.csv, fid_vs_step.png, best.json; returns best.
+    """Run (or resume) the search `name` under base.run.storage; writes trials.csv, fid_vs_step.png, best.json;
+    returns best.
 
     eval_every: steps between FID reports, ASHA's rungs (0: max_steps / 6); eval_samples: images per FID.
     scheduler: asha (stop laggards), pbt (every perturb_every steps the worst `quantile` of the population
@@ -238,7 +239,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
                                    "train.eval_metric": metric, "train.eval_samples": eval_samples,
                                    "train.keep_checkpoints": 0 if scheduler == "pbt" else 2,
                                    "train.max_failures": 1, "train.seed": seed,
-                                   "run.storage": storage_mod.normalize(storage)})))
+                                   "run.storage": storage_mod.normalize(base.run.storage)})))
     resources = ray.cluster_resources()
     if gpus_per_trial and workers_per_trial > resources.get("GPU", 0):
         raise ConfigError(f"tune: {workers_per_trial} GPU workers per trial, the cluster has "
@@ -262,7 +263,7 @@ def search(base: Config, *, name: str, storage: str, num_trials: int, max_steps:
     base = replace(base, {"train.cpus_per_worker": cpus})
     log(f"[aigc_ray] {concurrent} trial{'s' * (concurrent > 1)} at a time, each {train.layout(base)}")
 
-    root = storage_mod.normalize(storage)
+    root = base.run.storage  # normalized where it entered, above
     search_dir = storage_mod.join(root, name)
     metric_key = METRIC_KEYS[metric]
     # The images and the scoring reference (domain classifier, test statistics), made once here and

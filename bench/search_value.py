@@ -57,7 +57,7 @@ def main() -> None:
         if scheduler not in args.arms:
             continue
         t0 = time.time()
-        best = tune.search(base, name=scheduler, storage=root, num_trials=args.members, max_steps=per,
+        best = tune.search(base, name=scheduler, num_trials=args.members, max_steps=per,
                            metric="fid-domain", eval_every=every, scheduler=scheduler,
                            quantile=0.5 if args.members < 4 else 0.25, log=lambda *a: None)
         score(name, best["checkpoint"], best["steps_run"], time.time() - t0, best.get("copies"))

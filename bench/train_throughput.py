@@ -10,7 +10,7 @@ end-to-end rate: images over the wall time from the first report to the last, ch
 (written every --ckpt-every steps).
 
 --cluster adds a 2-node line: a head with no CPUs and one worker node in namespaces of its own
-(aigc_ray/nodes.py), checkpoints going to an S3-compatible server (moto) on loopback; the driver is
+(aigc_ray/testing.py), checkpoints going to an S3-compatible server (moto) on loopback; the driver is
 `aigc-ray train` on the head, the worker node does the work. It also times checkpoint uploads to that
 server (seconds per MB). Linux, as root (mount and PID namespaces).
 """
@@ -73,7 +73,7 @@ def ray_loop(cfg: Config, steps: int, window: int, workers: int, root: str) -> t
 def cluster_loop(cfg: Config, tmp: str) -> dict:
     """1 worker on the worker node of a 2-node cluster, checkpoints to S3; and checkpoint upload speed."""
     from aigc_ray import checkpoint as ckpt
-    from aigc_ray.nodes import Cluster, ObjectStore
+    from aigc_ray.testing import Cluster, ObjectStore
 
     t = cfg.train
     flags = ["--dataset", cfg.data.dataset, "--loss", cfg.loss.name, "--batch-size", str(t.batch_size),

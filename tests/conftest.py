@@ -41,9 +41,9 @@ def tiny(tmp_path):
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 with IAM authentication on (aigc_ray.nodes.ObjectStore): a bucket
+    """moto's S3 server on 127.0.0.1 with IAM authentication on (aigc_ray.testing.ObjectStore): a bucket
     `aigc`, and the environment (AWS_ENDPOINT_URL, keys, region) a process needs to use it."""
-    from aigc_ray.nodes import ObjectStore
+    from aigc_ray.testing import ObjectStore
 
     with ObjectStore(tmp_path_factory.mktemp("moto") / "moto.log") as store:
         yield store

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aigc_ray.nodes import BIN, REPO, Cluster, free_ports
+from aigc_ray.testing import BIN, REPO, Cluster, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_a_cluster_start_that_fails_says_why_and_starts_afresh(tmp_path, monkeyp
     (not after the wait's timeout) with the head's log, and the start is made again on fresh ports."""
     import socket
 
-    from aigc_ray import nodes
+    from aigc_ray import testing as nodes
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

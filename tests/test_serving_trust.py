@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
-from aigc_ray.nodes import free_ports
+from aigc_ray.testing import free_ports
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

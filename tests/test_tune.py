@@ -27,17 +27,17 @@ def test_bad_search_spaces_fail_with_one_line(space, needle):
 
 def test_bad_budgets_fail_before_any_trial(ray_cluster, tiny, tmp_path):
     with pytest.raises(ConfigError, match="must be > 0"):
-        tune.search(tiny(), name="s", storage=str(tmp_path), num_trials=0, max_steps=10)
+        tune.search(tiny(run__storage=str(tmp_path)), name="s", num_trials=0, max_steps=10)
     with pytest.raises(ConfigError, match=r"3 workers per trial \(1 CPUs each\) need 3 CPUs, the cluster has 2"):
-        tune.search(tiny(), name="s", storage=str(tmp_path), num_trials=1, max_steps=10, workers_per_trial=3)
+        tune.search(tiny(run__storage=str(tmp_path)), name="s", num_trials=1, max_steps=10, workers_per_trial=3)
     assert not (tmp_path / "s").exists()
 
 
 def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tiny, tmp_path):
     space = {"optim.lr_g": {"grid": [2e-3, 1e-3, 50.0]}, "optim.lr_d": 2e-3}
-    kwargs = dict(name="s", storage=str(tmp_path), num_trials=1, max_steps=40, metric="fid-domain", space=space,
+    kwargs = dict(name="s", num_trials=1, max_steps=40, metric="fid-domain", space=space,
                   max_concurrent=1, eval_every=10, eval_samples=200)
-    best = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs)
+    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs)
     search = tmp_path / "s"
     trials = pd.read_csv(search / "trials.csv")
     per_trial = trials.groupby("trial_id").agg(steps=("step", "max"), best=("fid_domain", "min"))
@@ -64,7 +64,7 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
 
     # The same name again resumes the finished search instead of starting over.
     logs = []
-    again = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=logs.append)
+    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs, log=logs.append)
     assert any("resuming search s" in line for line in logs)
     assert again["trial_id"] == best["trial_id"] and again["steps_run"] == best["steps_run"]
 
@@ -78,10 +78,10 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
     ({"perturb_every": 15}, "must be a positive multiple of --eval-every (10)"),
 ])
 def test_a_bad_pbt_search_is_one_line_before_any_trial(ray_cluster, tiny, tmp_path, kwargs, needle):
-    args = {"name": "p", "storage": str(tmp_path), "num_trials": 4, "max_steps": 40, "eval_every": 10,
+    args = {"name": "p", "num_trials": 4, "max_steps": 40, "eval_every": 10,
             "scheduler": "pbt", **kwargs}
     with pytest.raises(ConfigError) as e:
-        tune.search(tiny(), **args)
+        tune.search(tiny(run__storage=str(tmp_path)), **args)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "p").exists()
 
@@ -151,11 +151,11 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
     # the others' last reports), so it copies; between members that all learn, the one reporting is the
     # furthest along and seldom behind, and a copy would be left to chance.
     space = {"optim.lr_g": {"choice": [1e-7, 2e-3]}, "optim.lr_d": {"loguniform": [1e-4, 3e-3]}}
-    kwargs = dict(name="p", storage=str(tmp_path), num_trials=2, max_steps=60, metric="fid-domain", space=space,
+    kwargs = dict(name="p", num_trials=2, max_steps=60, metric="fid-domain", space=space,
                   max_concurrent=2, eval_every=10, eval_samples=200, scheduler="pbt", perturb_every=10, quantile=0.5,
                   seed=1)
     logs = []
-    best = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=logs.append)
+    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs, log=logs.append)
     search = tmp_path / "p"
     first = pd.read_csv(search / "trials.csv").sort_values("step").groupby("trial_id")["lr_g"].first()
     assert set(first) == {1e-7, 2e-3}  # the seed drew both kinds of member
@@ -186,7 +186,7 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
 
     # An interrupted (here: finished) PBT search resumes like the others.
     again_logs = []
-    again = tune.search(tiny(model__ngf=16, model__ndf=16), **kwargs, log=again_logs.append)
+    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs, log=again_logs.append)
     assert any("resuming search p" in line for line in again_logs)
     assert again["trial_id"] == best["trial_id"] and again["copies"] == best["copies"]
 
