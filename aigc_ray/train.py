@@ -647,6 +647,10 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
     storage.write_text(storage.join(run_dir, ckpt.CONFIG_FILE), json.dumps(cfg.to_dict(), indent=2))
     if not quiet:
         _say_resume(cfg, run_dir)
+        if data_mod.is_people(cfg.data) and cfg.model.conditional:
+            print(f"[aigc_ray] {cfg.data.dataset}: {cfg.model.num_classes} people, so the defaults for faces: "
+                  f"identity-conditional (one label per person: sample --class NAME gives their double), "
+                  f"augmentation {cfg.augment.policy}", flush=True)
         if privacy.enabled(cfg):
             print(privacy.describe(cfg, data_mod.size(cfg.data), spent_privacy(cfg)), flush=True)
     cbs = list(callbacks or [])
