@@ -4,8 +4,6 @@ resume continues epsilon, and every setting DP cannot honour is one line."""
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -117,12 +115,12 @@ def test_resume_continues_epsilon(tiny):
     (["--dp-epsilon", "1", "--d-norm", "batch", "--no-spectral-norm"], "BatchNorm mixes the images"),
     (["--dp-epsilon", "1", "--ada"], "augment.adaptive"),
 ])
-def test_bad_dp_input_is_one_line_exit_2(tmp_path, args, needle):
-    r = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "train", "--dataset", "mnist-5k", *args,
-                        "--storage", str(tmp_path / "runs"), "--name", "bad"], capture_output=True, text=True,
-                       timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+def test_bad_dp_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
+    from aigc_ray.cli import main
+
+    code = main(["train", "--dataset", "mnist-5k", *args, "--storage", str(tmp_path / "runs"), "--name", "bad"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "runs" / "bad").exists()
 
 
