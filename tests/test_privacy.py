@@ -244,3 +244,25 @@ def test_the_audit_of_a_dp_run_writes_numbers_only(tiny, tmp_path):
     assert r["pairs_png"] is None and "numbers only" in r["note"]
     assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.json"]
     assert "covering this run's use of its training images" in r["privacy"]["covers"]
+
+
+def test_a_dp_runs_report_shows_no_training_photo_and_says_what_epsilon_covers(tiny, tmp_path):
+    """report.html of a DP run: numbers only, epsilon with its scope; of a plain run: the pairs image, marked."""
+    from aigc_ray import audit, report
+
+    pages = {}
+    for name, dp in (("private", {"privacy__noise_multiplier": 1.0}), ("plain", {})):
+        out = train.fit(tiny(data__limit=200, train__steps=2, run__name=name, **dp), quiet=True)
+        found = audit.summary(audit.run(out["checkpoint"], num_samples=20, heldout=30, features="domain"))
+        meta = ckpt.read_meta(out["checkpoint"])
+        search = {"search": str(tmp_path / "no-search"), "metric": "fid_domain", "value": 1.0, "trial_id": "t",
+                  "step": 2, "steps_run": 2, "steps_full_grid": 2, "table": []}
+        page = report.write(str(tmp_path / name), search=search, final={**out, "step": 2},
+                            fid={"value": 1.0, "num_samples": 20}, url="http://127.0.0.1:9", stages={"total": 1.0},
+                            audit=found, privacy=meta.get("privacy"))
+        pages[name] = (Path(page).read_text(), sorted(p.name for p in Path(page).parent.iterdir()))
+    html, files = pages["private"]
+    assert "audit_pairs.png" not in files and "audit_pairs.png" not in html
+    assert "covering this run&#x27;s use of its training images" in html and "numbers only" in html
+    html, files = pages["plain"]
+    assert "audit_pairs.png" in files and "CONTAINS TRAINING PHOTOS" in html
