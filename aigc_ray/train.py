@@ -611,7 +611,7 @@ def _check_resumable(cfg: Config, run_dir: str) -> None:
     if not storage.exists(saved):
         return
     old = json.loads(storage.read_text(saved))
-    new = cfg.to_dict()
+    new = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples (class names) are JSON lists
     for section in ("data", "model", "loss"):
         for k, v in new[section].items():
             if k in ("cache", "root", "download"):  # where data comes from, not what it is

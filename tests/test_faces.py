@@ -44,7 +44,9 @@ def test_a_folder_of_people_trains_a_double_of_each_and_takes_their_names(tmp_pa
     from aigc_ray.serve import GenerateRequest, Sampler, class_index
 
     folder = _people(tmp_path / "photos", ["alice", "bob", "carol"])
-    out = train.fit(_tiny(tmp_path, folder), quiet=True)
+    train.fit(_tiny(tmp_path, folder), quiet=True)
+    out = train.fit(_tiny(tmp_path, folder, **{"train.steps": 4}), quiet=True)  # the same name resumes it
+    assert out["step"] == 4
     sampler = Sampler(out["checkpoint"])
     info = sampler.info()
     assert info["conditional"] and info["class_names"] == ["alice", "bob", "carol"] and info["num_classes"] == 3
