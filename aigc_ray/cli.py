@@ -128,6 +128,7 @@ def cmd_sample(args) -> dict:
 
     n = _positive(args.n, "--n")
     _seed(args.seed)
+    _out_file(args.out)
     if args.truncation is not None and not 0 < args.truncation <= 10:
         raise ConfigError(f"--truncation: must be in (0, 10], got {args.truncation}")
     if args.url:
@@ -492,11 +493,15 @@ def cmd_invert(args) -> dict:
     from .invert import invert, photo_tensor, write
 
     _positive(args.steps, "--steps")
-    path = str(find(args.checkpoint))
+    _seed(args.seed)
     try:
         blob = storage.read_bytes(args.image)
     except storage.StorageError as e:
         raise ConfigError(f"--image: {e}") from None
+    if args.dry_run:
+        where = _there(find, args.checkpoint, args)
+        return dry_run(args, f"find {args.image} in {where} ({args.steps} steps) and write {args.out}")
+    path = str(find(args.checkpoint))
     g, cfg, _ = load_generator(path)
     photo = photo_tensor(blob, cfg)
     label = None
@@ -517,8 +522,12 @@ def cmd_invert(args) -> dict:
 
 
 def cmd_export(args) -> dict:
+    from .checkpoint import find
     from .export import export
 
+    _out_file(args.out)
+    if args.dry_run:
+        return dry_run(args, f"export G_ema of {_there(find, args.checkpoint, args)} as {args.format} to {args.out}")
     r = export(args.checkpoint, args.format, args.out)
     if not args.json:
         check = (f"max abs difference from `sample`'s pixels: {r['max_abs_pixel_diff']} levels over "
@@ -568,6 +577,18 @@ def _proxy_location_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly", "Disabled"],
                    help="where Serve runs its HTTP proxies: on every node with a replica, or only on the head "
                         "(several nodes sharing one machine and port) [EveryNode]")
+
+
+def _out_file(path: str, flag: str = "--out") -> str:
+    """A local output path a file system can take (no NUL byte, no name over 255 bytes), else one line."""
+    ok = "\x00" not in path and all(len(part.encode("utf-8", "surrogateescape")) <= 255 for part in path.split("/"))
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        ok = False
+    if not ok or not path.strip():
+        raise ConfigError(f"{flag}: not a file name this machine can write: {path[:80]!r}")
+    return path
 
 
 def _seed(v: int) -> int:
@@ -740,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--seed", type=int, default=0, help="seed of the random starting latents [0]")
     iv.add_argument("--out", required=True, help="folder for latent.npz, reconstruction.png, loss.png")
     iv.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    iv.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     iv.set_defaults(fn=cmd_invert)
 
     ex = sub.add_parser("export", help="G_ema as TorchScript or ONNX (latent and label in, image out), checked")
@@ -747,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="[onnx]")
     ex.add_argument("--out", required=True, help="the file to write (g.onnx, g.pt)")
     ex.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    ex.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     ex.set_defaults(fn=cmd_export)
 
     fg = sub.add_parser("forget", help="list (and with --yes delete) everything derived from a folder of photos")

@@ -257,9 +257,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults, then a YAML/JSON file, then overrides (CLI flags); validated."""
     cfg = Config()
     if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        try:
+            p = Path(path).expanduser()
+            found = p.is_file()
+        except (OSError, ValueError):  # a name too long, a NUL byte: no such file either
+            found = False
+        if not found:
+            raise ConfigError(f"config file not found: {str(path)[:200]!r}")
         try:
             text = p.read_text()
             if p.suffix == ".json":

@@ -97,9 +97,13 @@ def load_space(path: str | None) -> dict[str, Any] | None:
         return None
     import yaml
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"search space: file not found: {p}")
+    try:
+        p = Path(path).expanduser()
+        found = p.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        found = False
+    if not found:
+        raise ConfigError(f"search space: file not found: {str(path)[:200]!r}")
     try:
         return yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

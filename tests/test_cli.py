@@ -45,7 +45,7 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     r = _run("train", "--dataset", "imagenet", "--storage", str(tmp_path / "runs"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "aigc-ray: error: data.dataset: unknown dataset 'imagenet'; allowed: fashion-mnist, mnist-5k, mnist, "
-        "cifar10, celeba, folder:PATH"] and "Traceback" not in r.stderr
+        "cifar10, celeba, orl-faces, folder:PATH"] and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args,needle", [  # issue 29's list: each ended in a traceback or a write outside

@@ -26,7 +26,7 @@ def readme_commands() -> list[list[str]]:
 
 def test_readme_has_the_commands_a_user_runs():
     commands = {c[0] for c in readme_commands()}
-    assert {"train", "sample", "eval", "tune", "serve", "pipeline", "forget"} <= commands
+    assert {"train", "sample", "eval", "tune", "serve", "pipeline", "forget", "invert", "export"} <= commands
 
 
 @pytest.fixture
@@ -35,14 +35,16 @@ def a_users_machine(tmp_path, monkeypatch, s3_env):
     from PIL import Image
 
     home = tmp_path / "home"
-    (home / "me" / "photos").mkdir(parents=True)
-    Image.new("RGB", (40, 40), "gray").save(home / "me" / "photos" / "a.png")
+    for folder in ("me/photos", "people/alice", "people/bob"):
+        (home / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 40), "gray").save(home / folder / "a.png")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("AIGC_RAY_STORAGE", raising=False)
     for bucket in ("my-bucket", "my-aigc-bucket"):
         s3_env.client.create_bucket(Bucket=bucket)
     s3_env.client.put_object(Bucket="my-bucket", Key="faces/a.png", Body=(home / "me" / "photos" / "a.png").read_bytes())
     monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 40), "gray").save(tmp_path / "me.jpg")
     (tmp_path / "key").write_text("k" * 32)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out",
                     "cert.pem", "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
