@@ -87,10 +87,14 @@ def test_checkpoint_is_self_describing(tiny):
     assert g(torch.randn(2, cfg.model.latent_dim)).shape == (2, 1, 32, 32)
 
 
-def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_cluster, tiny):
+def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_cluster, tiny, capfd):
+    import time
+
     cfg = tiny(train__num_workers=2, train__steps=6, train__log_every=3, train__ckpt_every=3, run__name="ddp",
                train__eval_every=6, train__eval_samples=64)
     first = train.fit(cfg, quiet=True)
+    time.sleep(3)  # the workers' log lines reach this process asynchronously
+    assert "Checkpoint successfully created" not in "".join(capfd.readouterr())  # Ray's chatter: --verbose only
     assert first["fid_domain"] > 0  # the workers generated their shares and all-reduced the statistics
     run = Path(first["run_dir"])
     assert first["step"] == 6
@@ -104,8 +108,10 @@ def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_clust
 
     w6 = ckpt.load(first["checkpoint"])
     second = train.fit(tiny(train__num_workers=2, train__steps=9, train__log_every=3, train__ckpt_every=3,
-                            train__eval_every=6, train__eval_samples=64, run__name="ddp"), quiet=True)
+                            train__eval_every=6, train__eval_samples=64, run__name="ddp"), quiet=True, verbose=True)
     assert second["step"] == 9
+    time.sleep(3)
+    assert "Checkpoint successfully created" in "".join(capfd.readouterr())  # and --verbose shows it
     w9 = ckpt.load(second["checkpoint"])
     assert w9["opt_g"]["state"][0]["step"] == 9 and w9["opt_d"]["state"][0]["step"] == 9  # Adam continued
     assert json.loads((Path(second["checkpoint"]) / "meta.json").read_text())["metrics"]["images_seen"] == 9 * 16 * 2
