@@ -326,24 +326,39 @@ def cmd_serve(args) -> dict:
         return dry_run(args, f"serve {where} at {_scheme(args)}://{args.host}:{args.port}/ with "
                              f"{args.min_replicas}-{args.max_replicas} replicas" + (", API key on" if key else ""))
     _choose_ingress(args)
-    init_ray(args.address)
-    from ray import serve
+    import signal
 
-    quiet = _serve_logging(args.verbose)
-    serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port, **tls},
-                logging_config=quiet)
-    app = build_app(served, min_replicas=args.min_replicas, max_replicas=args.max_replicas, num_cpus=args.num_cpus,
-                    num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
-                    max_queued_requests=args.max_queued_requests)
-    serve.run(app, name="aigc", route_prefix="/", logging_config=quiet)
+    import ray
+
+    def stop(signum, frame):
+        raise _Stop
+
+    if not args.detach:  # SIGTERM from here on (even while starting) ends in the clean shutdown below
+        signal.signal(signal.SIGTERM, stop)
     url = f"{_scheme(args)}://{args.host}:{args.port}"
-    print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C or SIGTERM stops.", flush=True)
-    if not args.detach:
-        _wait_for_ctrl_c()
-        print("[aigc_ray] stopping: draining requests, then the replicas and the ingress", flush=True)
-        serve.shutdown()
-        import ray
+    try:
+        # The replicas' and the controller's own lines (Serve's start-up banner, every request) with --verbose only.
+        init_ray(args.address, log_to_driver=args.verbose)
+        from ray import serve
 
+        quiet = _serve_logging(args.verbose)
+        serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port, **tls},
+                    logging_config=quiet)
+        app = build_app(served, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                        num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_ongoing_requests=args.max_ongoing_requests,
+                        max_queued_requests=args.max_queued_requests)
+        serve.run(app, name="aigc", route_prefix="/", logging_config=quiet)
+        print(f"Serving at {url}/  (playground), {url}/docs (API). Ctrl-C or SIGTERM stops.", flush=True)
+        if args.detach:
+            return {"url": url}
+        _wait_for_ctrl_c()
+    except _Stop:
+        pass
+    print("[aigc_ray] stopping: draining requests, then the replicas and the ingress", flush=True)
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
         ray.shutdown()
     return {"url": url}
 
