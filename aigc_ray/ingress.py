@@ -191,6 +191,17 @@ def claim(port: int) -> None:
 # aigc-ray-haproxy: what Ray runs instead of HAProxy.
 
 
+def _private_sockets(folder: Path) -> None:
+    """Sockets Ray binds in the service's folder before HAProxy starts (the metrics socket, mode 0666): 0600,
+    as the admin socket is (the folder is 0700 too)."""
+    for f in folder.rglob("*"):
+        try:
+            if stat.S_ISSOCK(f.lstat().st_mode):
+                os.chmod(f, 0o600)
+        except OSError:  # gone meanwhile
+            pass
+
+
 def _die_with_parent() -> None:
     PR_SET_PDEATHSIG = 1
     try:
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                 tmp = cfg.with_name(f".{cfg.name}.{os.getpid()}")
                 tmp.write_text(confined)
                 os.replace(tmp, cfg)
+            _private_sockets(cfg.parent)
     _die_with_parent()
     binary = real_haproxy()
     os.execv(binary, [binary, *args])

@@ -86,7 +86,7 @@ def test_folder_dataset_from_an_object_store_prefix(s3_env, tmp_path):
     cache = f"s3://{s3_env.bucket}/storage-test-cache"
     cfg = DataConfig(dataset=f"folder:{faces}/", image_size=32, cache=cache)
     ds = data.load(cfg)
-    assert ds.images.shape == (5, 3, 32, 32) and ds.labels is None
+    assert ds.images.shape == (5, 3, 32, 32) and ds.labels.tolist() == [0, 0, 0, 1, 1]  # a/ and b/: two labels
     assert [e.name for e in storage.list_dir(f"{cache}/decoded")]  # decoded once, cached under the storage
     local = tmp_path / "faces"
     for i in range(5):
