@@ -1,5 +1,6 @@
 """Private data private by construction: a run on someone's photos keeps pixels, never their file names or
-metadata; and `aigc-ray forget` removes everything derived from a folder of photos, and nothing else."""
+metadata (trained, sampled, audited and reported); and `aigc-ray forget` removes everything derived from a
+folder of photos, and nothing else."""
 
 import io
 import json
@@ -57,6 +58,14 @@ def test_storage_and_caches_hold_pixels_never_a_photos_name_or_metadata(two_runs
                      str(tmp_path / "runs" / "mine" / "grid.png")]) == 0
     found = audit.run(mine["checkpoint"], num_samples=8, heldout=8, features="inception")
     assert found["heldout_images"] == 8 and Path(found["pairs_png"]).exists()
+    from aigc_ray import report
+
+    search = {"search": str(tmp_path / "runs" / "mine"), "metric": "fid", "value": 1.0, "trial_id": "t", "step": 2,
+              "steps_run": 2, "steps_full_grid": 2, "table": []}
+    page = report.write(str(tmp_path / "runs" / "mine"), search=search, final={**mine, "step": 2},
+                        fid={"value": 1.0, "num_samples": 8}, url="http://127.0.0.1:9", stages={"total": 1.0},
+                        audit=audit.summary(found))
+    assert Path(page).exists() and (Path(page).parent / "audit_pairs.png").exists()
     written = _every_byte(tmp_path / "runs") + _every_byte(tmp_path / "cache")
     assert len(written) > 10_000 and list((tmp_path / "cache" / "decoded").iterdir())
     assert NAME.encode() not in written and MARKER.encode() not in written
