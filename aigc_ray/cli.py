@@ -642,6 +642,13 @@ def _say_error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _json_dry_run(p: argparse.ArgumentParser, fn) -> None:
+    """The flags every command that reads a checkpoint ends with, and the function it runs."""
+    p.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN)
+    p.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="aigc-ray", description="Train, tune and serve GANs on Ray.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -738,9 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=0, help="Ray tasks sharing the work [0: this process]")
     e.add_argument("--seed", type=int, default=0, help="noise seed of the generated set [0]")
     e.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
-    e.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    e.add_argument("--dry-run", action="store_true", help=DRY_RUN)
-    e.set_defaults(fn=cmd_eval)
+    _json_dry_run(e, cmd_eval)
 
     a = sub.add_parser("audit", help="memorization audit: copy rate, MiFID and the closest sample/training pairs")
     a.add_argument("--checkpoint", help="checkpoint folder, or a run folder (its latest); a path or s3://... URI")
@@ -754,9 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-workers", type=int, default=0, help="Ray tasks sharing the features [0: this process]")
     a.add_argument("--seed", type=int, default=0, help="noise seed of the samples [0]")
     a.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
-    a.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    a.add_argument("--dry-run", action="store_true", help=DRY_RUN)
-    a.set_defaults(fn=cmd_audit)
+    _json_dry_run(a, cmd_audit)
 
     r = sub.add_parser("fid-ref", help="compute (and cache) reference statistics of a dataset split")
     r.add_argument("--dataset", default="fashion-mnist")
@@ -775,17 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--steps", type=int, default=200, help="optimisation steps [200]")
     iv.add_argument("--seed", type=int, default=0, help="seed of the random starting latents [0]")
     iv.add_argument("--out", required=True, help="folder for latent.npz, reconstruction.png, loss.png")
-    iv.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    iv.add_argument("--dry-run", action="store_true", help=DRY_RUN)
-    iv.set_defaults(fn=cmd_invert)
+    _json_dry_run(iv, cmd_invert)
 
     ex = sub.add_parser("export", help="G_ema as TorchScript or ONNX (latent and label in, image out), checked")
     ex.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest)")
     ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="[onnx]")
     ex.add_argument("--out", required=True, help="the file to write (g.onnx, g.pt)")
-    ex.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    ex.add_argument("--dry-run", action="store_true", help=DRY_RUN)
-    ex.set_defaults(fn=cmd_export)
+    _json_dry_run(ex, cmd_export)
 
     fg = sub.add_parser("forget", help="list (and with --yes delete) everything derived from a folder of photos")
     fg.add_argument("--dataset", required=True, help="folder:PATH, as it was given to train, tune or pipeline")
