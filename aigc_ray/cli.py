@@ -117,7 +117,7 @@ def cmd_train(args) -> dict:
     if args.dry_run:
         return dry_run(args, f"train {cfg.run.name or '(a new run)'} on {cfg.data.dataset} for {cfg.train.steps} "
                              f"steps, {cfg.loss.name} loss, under {cfg.run.storage}")
-    init_ray(args.address)
+    init_ray(args.address, log_to_driver=args.verbose)  # our lines come through train's relay
     return train.fit(cfg, verbose=args.verbose)  # workers and threads fitted to the cluster, or one line
 
 
@@ -382,7 +382,9 @@ def cmd_pipeline(args) -> dict:
                              f"train the winner to {args.final_steps} steps, score, deploy on port {args.port} and "
                              f"report under {cfg.run.storage}/{args.name}")
     _choose_ingress(args)
-    init_ray(args.address, num_cpus=args.num_cpus)  # Ray's own chatter: LoggingConfig, unless --verbose
+    # Ray's own chatter (Serve's start-up banner, Train's checkpoint lines) with --verbose only: our lines come
+    # from this driver, from the search's reports and through train's relay.
+    init_ray(args.address, num_cpus=args.num_cpus, log_to_driver=args.verbose)
     out = pipeline.run(cfg, name=args.name, num_trials=args.num_trials,
                        search_steps=args.search_steps, final_steps=args.final_steps,
                        final_workers=args.final_workers, eval_samples=cfg.train.eval_samples,
@@ -496,7 +498,7 @@ def cmd_tune(args) -> dict:
                        max_concurrent=args.max_concurrent, searcher=args.searcher,
                        eval_every=cfg.train.eval_every, eval_samples=cfg.train.eval_samples,
                        scheduler=args.scheduler, perturb_every=args.perturb_every, quantile=args.quantile,
-                       seed=cfg.train.seed)
+                       seed=cfg.train.seed, verbose=args.verbose)
     print(tune.budget_line(best))
     return best
 

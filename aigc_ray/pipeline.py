@@ -74,7 +74,8 @@ def run(base: Config, *, name: str, num_trials: int = 4, search_steps: int = 300
     best = tune.search(replace(base, {"run.storage": root}), name="search",
                        num_trials=num_trials, max_steps=search_steps, metric=metric,
                        space=space if space is not None else DEMO_SPACE, eval_every=max(1, search_steps // 3),
-                       eval_samples=eval_samples, max_concurrent=max_concurrent, seed=base.train.seed, log=log)
+                       eval_samples=eval_samples, max_concurrent=max_concurrent, seed=base.train.seed,
+                       verbose=verbose, log=log)
     log(tune.budget_line(best))
     stages["search"] = time.time() - t0
 

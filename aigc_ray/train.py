@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -285,18 +285,24 @@ def progress_line(m: dict[str, Any], total: int, layout: str = "") -> str:
             f"{m['images_per_s']:.0f} img/s, {m['images_seen']} images seen" + (f", {layout}" if layout else ""))
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 class Logger:
-    """Prints progress lines and writes the same metrics as TensorBoard events under <run>/tensorboard.
+    """Says a progress line per report (say: print, a line relay's put, or None) and writes the same metrics
+    as TensorBoard events under <run>/tensorboard.
 
     On an object store the events are written to a local folder and published after every flush."""
 
-    def __init__(self, run_dir: str | None, total_steps: int, echo: bool = True, layout: str = ""):
-        self.run_dir, self.total, self.echo, self.layout = run_dir, total_steps, echo, layout
+    def __init__(self, run_dir: str | None, total_steps: int, say: Callable[[str], Any] | None = None,
+                 layout: str = ""):
+        self.run_dir, self.total, self.say, self.layout = run_dir, total_steps, say, layout
         self._writer = self._local = None
 
     def log(self, metrics: dict[str, Any]) -> None:
-        if self.echo:
-            print(progress_line(metrics, self.total, self.layout), flush=True)
+        if self.say is not None:
+            self.say(progress_line(metrics, self.total, self.layout))
         if not self.run_dir:
             return
         tb = storage.join(self.run_dir, "tensorboard")
@@ -313,14 +319,15 @@ class Logger:
             storage.publish_dir(self._local, tb)
 
 
-def _progress_callback(run_dir: str, total: int, echo: bool, layout: str = ""):
+def _progress_callback(run_dir: str, total: int, lines, layout: str = ""):
     from ray.train import UserCallback
 
     class Progress(UserCallback):
-        """Runs on the Ray Train controller: one line per report, and TensorBoard events."""
+        """Runs on the Ray Train controller: one line per report (into the driver's relay), and TensorBoard
+        events."""
 
         def __init__(self):
-            self.logger = Logger(run_dir, total, echo, layout)
+            self.logger = Logger(run_dir, total, lines.put if lines is not None else None, layout)
 
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0]:
@@ -365,11 +372,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     resume = _latest(run_dir, local)
     if resume is not None:
         load_state_dict(state, ckpt.load(resume, map_location=device), restore_rng=rank == 0)
-        if rank == 0 and config["echo"] and not local:
-            # To the process's own stdout: Ray Train patches print in its workers to tee to a redirected
-            # stdout and to its logger, and the driver then showed this line twice.
-            print(f"[aigc_ray] worker group of {cfg.run.name} continues at step {state.step} ({resume})",
-                  file=sys.__stdout__, flush=True)
+        if rank == 0 and config["lines"] is not None:  # to the driver's relay: a restart says where it went on
+            config["lines"].put(f"[aigc_ray] worker group of {cfg.run.name} continues at step {state.step} "
+                                f"({resume})")
         if rank != 0:  # rank 0 took its RNG state from the checkpoint
             torch.manual_seed(derive(t.seed, "worker", rank, state.step))
     else:
@@ -381,7 +386,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     else:
         batches = data_mod.Batches(data, t.batch_size, seed=t.seed, rank=rank,
                                    start=state.step * cfg.loss.n_critic, device=device)
-    logger = Logger(run_dir, t.steps, config["echo"], layout(cfg)) if local else None
+    logger = Logger(run_dir, t.steps, _print if config["echo"] else None, layout(cfg)) if local else None
 
     window: dict[str, torch.Tensor] = {}
     n_window, t0 = 0, time.perf_counter()
@@ -632,9 +637,6 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
     verbose: Ray Train's own INFO lines too (worker group started, every checkpoint persisted); else our
     progress lines say what happened, once.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     cfg = prepare(cfg)
     t, run_dir = cfg.train, run_dir_of(cfg)
     if not verbose:  # in-process (local) runs: Ray Train's INFO lines come from this process's own logger
@@ -653,39 +655,13 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
                   f"augmentation {cfg.augment.policy}", flush=True)
         if privacy.enabled(cfg):
             print(privacy.describe(cfg, data_mod.size(cfg.data), spent_privacy(cfg)), flush=True)
-    cbs = list(callbacks or [])
-    if not local:
-        cbs.append(_progress_callback(run_dir, t.steps, echo=not quiet, layout=layout(cfg)))
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet,
-                           "inputs": inputs},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker - driver_cpus /
-                                                                     max(1, t.num_workers)}),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            **storage.ray_storage(storage.parent(run_dir)),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=t.keep_checkpoints or None, checkpoint_score_attribute=keep_best_by,
-                checkpoint_score_order="min"),
-            callbacks=cbs,
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        try:
-            last = f"its last complete checkpoint is {ckpt.find(run_dir)}"
-        except ckpt.CheckpointError:
-            last = "it wrote no complete checkpoint"
-        except storage.StorageError as se:  # the storage itself may be what failed: say so, keep the advice
-            last = f"its checkpoints cannot be listed now ({se})"
-        cause = " ".join(str(e).split())[:400]
-        raise TrainingFailed(f"run {cfg.run.name!r} failed and max_failures={t.max_failures} restarts were used up; "
-                             f"{last}; run the same --name again to resume. Cause: {cause}") from None
+    with _relayed_lines(enabled=not (quiet or local)) as lines:
+        cbs = list(callbacks or [])
+        if not local:
+            cbs.append(_progress_callback(run_dir, t.steps, lines, layout=layout(cfg)))
+        result = _run_trainer(cfg, run_dir, cbs, verbose, keep_best_by, driver_cpus,
+                              {"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet,
+                               "lines": lines, "inputs": inputs})
     if result.checkpoint is not None:
         latest = storage.join(run_dir, storage.name(result.checkpoint.path))
     else:
@@ -696,3 +672,71 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
             "images_per_s": metrics.get("images_per_s"), "loss_d": metrics.get("loss_d"),
             "loss_g": metrics.get("loss_g"), "grid": storage.join(latest, ckpt.GRID_FILE),
             **{k: v for k, v in metrics.items() if k in ("fid", "fid_domain", "wasserstein")}}
+
+
+@contextmanager
+def _relayed_lines(enabled: bool):
+    """A queue on this driver's node into which the Train controller and rank 0 put their lines, and a thread
+    that prints them here. Our lines then reach the driver without Ray's log forwarding, so a command can run
+    with log_to_driver=False (Ray's own chatter, Serve's start-up banner, behind --verbose) and still say
+    every step. On the driver's node, the queue outlives the loss of any worker node."""
+    if not enabled:
+        yield None
+        return
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+    def pump():
+        while (line := queue.get()) is not None:
+            print(line, flush=True)
+
+    printer = threading.Thread(target=pump, daemon=True)
+    printer.start()
+    try:
+        yield queue
+    finally:
+        queue.put(None)  # after every line the run put: all are printed before fit returns
+        printer.join(timeout=60)
+        queue.shutdown()
+
+
+def _run_trainer(cfg: Config, run_dir: str, callbacks: list, verbose: bool, keep_best_by: str | None,
+                 driver_cpus: float, loop_config: dict[str, Any]):
+    """Ray Train's TorchTrainer for the run, fitted; a run out of restarts ends in one TrainingFailed line."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker - driver_cpus /
+                                                                     max(1, t.num_workers)}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            **storage.ray_storage(storage.parent(run_dir)),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints or None, checkpoint_score_attribute=keep_best_by,
+                checkpoint_score_order="min"),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        try:
+            last = f"its last complete checkpoint is {ckpt.find(run_dir)}"
+        except ckpt.CheckpointError:
+            last = "it wrote no complete checkpoint"
+        except storage.StorageError as se:  # the storage itself may be what failed: say so, keep the advice
+            last = f"its checkpoints cannot be listed now ({se})"
+        cause = " ".join(str(e).split())[:400]
+        raise TrainingFailed(f"run {cfg.run.name!r} failed and max_failures={t.max_failures} restarts were used up; "
+                             f"{last}; run the same --name again to resume. Cause: {cause}") from None

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +205,7 @@ def search(base: Config, *, name: str, num_trials: int, max_steps: int, metric: 
            space: dict[str, Any] | None = None, workers_per_trial: int = 1, gpus_per_trial: float = 0,
            max_concurrent: int = 0, searcher: str = "random", eval_every: int = 0, grace_steps: int = 0,
            eval_samples: int = 1000, seed: int = 0, scheduler: str = "asha", perturb_every: int = 0,
-           quantile: float = 0.25, log=print) -> dict[str, Any]:
+           quantile: float = 0.25, verbose: bool = False, log=print) -> dict[str, Any]:
     """Run (or resume) the search `name` under base.run.storage; writes trials.csv, fid_vs_step.png, best.json;
     returns best.
 
@@ -305,8 +307,25 @@ def search(base: Config, *, name: str, num_trials: int, max_steps: int, metric: 
             run_config=tune.RunConfig(name=name, **where, verbose=0, callbacks=[Progress(metric_key, log)],
                                       failure_config=tune.FailureConfig(max_failures=2)),
         )
-    grid = tuner.fit()
+    with _tune_output(verbose):
+        grid = tuner.fit()
     return _report(grid, search_dir, metric_key, max_steps, log, scheduler)
+
+
+@contextmanager
+def _tune_output(verbose: bool):
+    """Tune's own tables and banners (its configuration box, where the results are) with --verbose only: the
+    Progress callback says a line per report. Tune's newer reporter prints the box whatever RunConfig.verbose
+    says; with RAY_AIR_NEW_OUTPUT=0 (read as a search starts) its older one honours verbose=0. A value the user
+    set is theirs."""
+    if verbose or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
 def default_space(space: dict | None, scheduler: str) -> dict:

@@ -12,5 +12,7 @@ import ray
 from aigc_ray.cli import main
 
 if __name__ == "__main__":
-    ray.init()
+    # Inside a job: connect to the cluster it was submitted to, never start one. Ray's own chatter (Train's
+    # checkpoint lines, Serve's banner) with --verbose only; our lines reach the job's log through train's relay.
+    ray.init(log_to_driver="--verbose" in sys.argv[1:])
     sys.exit(main(["pipeline", *sys.argv[1:]]))

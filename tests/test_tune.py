@@ -210,3 +210,4 @@ def test_the_search_prints_a_line_per_report_while_it_runs(tmp_path):
     reports = [s for s in seen if s.startswith("[aigc_ray] trial ") and "fid_domain=" in s and "| best " in s]
     assert len(reports) >= 2
     assert not any("Moving model to device" in s or "Started training worker group" in s for s in seen)
+    assert not any("Configuration for experiment" in s or "View detailed results" in s for s in seen)  # Tune's
