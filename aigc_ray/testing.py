@@ -105,7 +105,11 @@ class Cluster:
         self.tmp = Path(tmp)
         self.port, self.dash, *agent = free_ports(6)
         self.env = {**os.environ, **(env or {}), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DEDUP_LOGS": "1"}
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_DEDUP_LOGS": "1",
+                    # A lost node is declared dead after 3 missed 1-second health checks (Ray's default: 5 of 3 s
+                    # each), so the tests that take a machine away wait seconds, not half a minute, for Ray to see it.
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3"}
         self.env.pop("AIGC_RAY_CACHE", None)  # caches go under the storage, as on a real cluster
         self.address, self.dashboard = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{self.dash}"
         # Another Ray instance may run on this machine (a test session's own): every process of this cluster
@@ -128,10 +132,11 @@ class Cluster:
     @classmethod
     @contextlib.contextmanager
     def up(cls, tmp: Path | str, env: dict[str, str] | None = None, nodes: int = 1, cpus: int = 2,
-           attempts: int = 2):
+           attempts: int = 2, say=None):
         """A started cluster: the head and `nodes` worker nodes alive, stopped on exit. A start that fails
-        (a port another process took meanwhile, a head too slow on a busy machine) is said on stderr with
-        its logs and tried again from scratch, on fresh ports, up to `attempts` times in all."""
+        (a port another process took meanwhile, a head too slow on a busy machine) is said (on stderr, or to
+        `say`) with its logs and tried again from scratch, on fresh ports, up to `attempts` times in all."""
+        say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         for attempt in range(1, attempts + 1):
             c = cls(Path(tmp) / f"start{attempt}", env)
             try:
@@ -143,8 +148,7 @@ class Cluster:
                 c.close()
                 if attempt == attempts:
                     raise
-                print(f"[nodes] cluster start {attempt} of {attempts} failed; starting afresh: {e}",
-                      file=sys.stderr, flush=True)
+                say(f"[nodes] cluster start {attempt} of {attempts} failed; starting afresh: {e}")
                 continue
             with c:
                 yield c
