@@ -7,12 +7,14 @@ from aigc_ray import data
 from aigc_ray.gan import augment
 from aigc_ray.gan.augment import Augment
 from aigc_ray.config import ConfigError, validate
+from aigc_ray.config import AUGMENTATIONS
 from aigc_ray.plan import resolve
 from aigc_ray.gan.step import build_state, train_step
 
 
-@pytest.mark.parametrize("op", augment.OPS)
+@pytest.mark.parametrize("op", AUGMENTATIONS)
 def test_each_augmentation_is_differentiable_and_changes_images(op):
+    assert set(augment.FUNCS) == set(AUGMENTATIONS)  # the config's vocabulary, every name implemented
     torch.manual_seed(0)
     x = torch.rand(8, 3, 32, 32, requires_grad=True)
     y = augment.FUNCS[op](x * 2 - 1, 1.0)
