@@ -33,8 +33,10 @@ from typing import Any
 import torch
 
 from . import data, storage
+from .checkpoint import find, load_generator
+from .images import grid, png_bytes
 from .config import ConfigError, DataConfig, replace
-from .metrics import FeatureStats, _has_labels, compute, fid_from_stats, generated_images, reference
+from .metrics import FeatureStats, has_labels, compute, fid_from_stats, generated_images, reference
 
 PERCENTILE = 1.0  # held-out images closer than this percentile count as "as close as a real new image gets"
 MIFID_EPS = 0.1  # Kaggle's cosine-distance threshold
@@ -85,19 +87,17 @@ def choose_features(features: str, d: DataConfig) -> str:
     if features not in FEATURES:
         raise ConfigError(f"--features: must be one of {', '.join(FEATURES)}, got {features!r}")
     if features != "auto":
-        if features == "domain" and not _has_labels(d):
+        if features == "domain" and not has_labels(d):
             raise ConfigError(f"--features domain: {d.dataset} has no labels to train a domain classifier on; "
                               "use inception")
         return features
-    return "domain" if _has_labels(d) else "inception"
+    return "domain" if has_labels(d) else "inception"
 
 
 def run(checkpoint: str, *, num_samples: int = 1000, heldout: int = 1000, features: str = "auto",
         dataset: str | None = None, seed: int = 0, out: str | None = None, num_workers: int = 0,
         pairs: int = 16) -> dict[str, Any]:
     """Audit a checkpoint's G_ema against its training images; writes audit.json and audit_pairs.png."""
-    from .checkpoint import find, load_generator
-    from .images import grid, png_bytes
 
     if num_samples < 2 or heldout < 2:
         raise ConfigError(f"audit: --num-samples and --heldout must be >= 2, got {num_samples} and {heldout}")

@@ -25,6 +25,8 @@ import torch
 
 from . import storage
 from .config import Config, ConfigError, validate
+from .gan.models import build
+from .privacy import guarantee
 
 MODEL_FILE, CONFIG_FILE, GRID_FILE, META_FILE = "model.pt", "config.json", "samples.png", "meta.json"
 FORMAT_VERSION = 1
@@ -44,8 +46,6 @@ def encode(*, state: dict[str, Any], cfg: Config, grid_png: bytes | None, metric
     meta = {"step": int(state["step"]), "metrics": metrics, "files": {n: len(b) for n, b in files.items()},
             "format": FORMAT_VERSION}
     if state.get("privacy"):  # a DP run's checkpoint says what it guarantees
-        from .privacy import guarantee
-
         meta["privacy"] = guarantee(state["privacy"])
     files[META_FILE] = json.dumps(meta, indent=2).encode()
     return files
@@ -158,8 +158,6 @@ def config_of(state: dict[str, Any]) -> Config:
 
 def load_generator(path: str, device="cpu", ema: bool = True):
     """(G in eval mode, its Config, meta) rebuilt from the checkpoint alone."""
-    from .models import build
-
     state = load(path, map_location=device)
     cfg = config_of(state)
     g, _ = build(cfg)

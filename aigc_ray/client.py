@@ -11,8 +11,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import ssl
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from typing import Any
 
 from .config import ConfigError
@@ -28,9 +30,6 @@ class ServiceError(ConfigError):
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", model: str | None = None, timeout: float = 60,
                  token: str | None = None, ca_file: str | None = None):
-        import ssl
-        from urllib.parse import urlsplit
-
         try:
             parts = urlsplit(url)
             parts.port  # noqa: B018 -- raises ValueError for a port that is no number
@@ -87,7 +86,7 @@ class Client:
             body["class"] = cls
         content, _ = self._request("POST", "/generate", body)
         if format == "npy":
-            import numpy as np
+            import numpy as np  # only for npy answers: the client itself needs the standard library alone
 
             return np.load(io.BytesIO(content))
         if format == "json":

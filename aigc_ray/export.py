@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint import find, load_generator
 from .config import ConfigError
 from .seeds import image_seeds, latents
+from .serve import Sampler
 
 FORMATS = ("torchscript", "onnx")
 
@@ -81,7 +82,7 @@ def run_exported(target: Path, fmt: str, inputs: tuple[torch.Tensor, ...]) -> to
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(target))(*inputs)
-    import onnxruntime
+    import onnxruntime  # an optional extra: only to check an exported ONNX file
 
     sess = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
@@ -90,7 +91,6 @@ def run_exported(target: Path, fmt: str, inputs: tuple[torch.Tensor, ...]) -> to
 
 def compare(target: Path, fmt: str, checkpoint: str, n: int = 16) -> dict:
     """The exported file against `sample`'s own pixels (serve.Sampler) for seeds 0..n-1 (class i % classes)."""
-    from .serve import Sampler
 
     sampler = Sampler(checkpoint)
     inputs = _inputs(sampler.cfg, n)

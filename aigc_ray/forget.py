@@ -16,8 +16,8 @@ import json
 import os
 
 from . import storage
-from .config import ConfigError
-from .data import check_name, dataset_id
+from .config import ConfigError, check_dataset
+from .data import dataset_id
 
 CACHE_KINDS = ("decoded", "fid_refs", "domain")
 RECORDS = ("config.json", "best.json")
@@ -51,7 +51,7 @@ def cache_roots(store: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 def derived(dataset: str, store: str, caches: tuple[str, ...] = ()) -> list[str]:
     """Every file or folder derived from `dataset`: cache entries, then top-level folders under the storage."""
-    check_name(dataset)
+    check_dataset(dataset)
     ident, store = dataset_id(dataset), storage.normalize(store)
     found: list[str] = []
     for root in cache_roots(store, caches):

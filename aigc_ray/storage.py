@@ -48,6 +48,12 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+def root(cfg) -> str:
+    """Where a config's runs, searches and caches live: its run.storage, normalized. The storage travels in the
+    config (never beside it) and becomes a location here, once, for every command and module alike."""
+    return normalize(cfg.run.storage)
+
+
 def normalize(uri: str | os.PathLike) -> str:
     """A canonical form: absolute local paths (~ expanded), remote URIs without a trailing '/'."""
     uri = str(uri)

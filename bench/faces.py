@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aigc_ray import audit, data, features, metrics, train
+from aigc_ray import audit, data, metrics, train
+from aigc_ray.metrics import features
 from aigc_ray.checkpoint import load_generator
 from aigc_ray.config import Config, DataConfig, replace
 from aigc_ray.images import grid, png_bytes, to_uint8
 from aigc_ray.invert import invert
-from aigc_ray.models import generate
+from aigc_ray.gan.models import generate
 from aigc_ray.seeds import image_seeds, latents
 
 

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import torch
 
-from aigc_ray import data, features, metrics
+from aigc_ray import data, metrics
+from aigc_ray.metrics import features
 from aigc_ray.config import DataConfig
 
 

@@ -35,9 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aigc_ray import data, features, metrics, train  # noqa: E402
-from aigc_ray.config import Config, DataConfig, replace, resolve  # noqa: E402
+from aigc_ray import data, metrics, train  # noqa: E402
+from aigc_ray.metrics import features  # noqa: E402
+from aigc_ray.config import Config, DataConfig, replace  # noqa: E402
+from aigc_ray.gan.step import build_state, train_step  # noqa: E402
 from aigc_ray.images import to_uint8  # noqa: E402
+from aigc_ray.plan import resolve  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -51,7 +54,7 @@ def plain(device, size: int, amp: str, steps: int, batch: int, ds, channels_last
                                      "train.batch_size": batch}), channels=1, num_classes=10, size=len(ds),
                   use_gpu=device.type == "cuda")
     cfg = replace(cfg, {"train.amp": amp})
-    state = train.build_state(cfg, device)
+    state = build_state(cfg, device)
     if channels_last:
         state.g.to(memory_format=torch.channels_last)
         state.d.to(memory_format=torch.channels_last)
@@ -59,11 +62,11 @@ def plain(device, size: int, amp: str, steps: int, batch: int, ds, channels_last
         state.g, state.d = torch.compile(state.g), torch.compile(state.d)
     batches = data.Batches(ds, batch, seed=0, device=device)
     for _ in range(3):
-        train.train_step(state, batches, cfg)
+        train_step(state, batches, cfg)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        stats = train.train_step(state, batches, cfg)
+        stats = train_step(state, batches, cfg)
     _sync(device)
     if not all(torch.isfinite(v).all() for v in stats.values()):
         raise SystemExit(f"non-finite losses at {size}px {amp}: {stats}")
@@ -88,7 +91,7 @@ def fid_time(device, n: int, checkpoint: str, ref_images: int = 5000) -> dict:
     """Seconds for the reference statistics of mnist-5k (its first ref_images) and for the FID of n generated
     images, on device."""
     from aigc_ray.checkpoint import load_generator
-    from aigc_ray.models import noise
+    from aigc_ray.seeds import noise
 
     inception = features.Inception(device=device, batch=250 if device.type == "cuda" else 25)
     real = data.load(DataConfig(dataset="mnist-5k")).images[:ref_images]

@@ -20,8 +20,10 @@ import time
 
 import torch
 
-from aigc_ray import audit, data, metrics, privacy, train
-from aigc_ray.config import Config, DataConfig, replace, resolve
+from aigc_ray import audit, data, metrics, privacy
+from aigc_ray.config import Config, DataConfig, replace
+from aigc_ray.plan import resolve
+from aigc_ray.gan.step import build_state, train_step
 
 
 def main() -> None:
@@ -48,14 +50,14 @@ def main() -> None:
         if math.isfinite(eps):
             over.update({"privacy.epsilon": eps, "privacy.delta": args.delta})
         cfg = resolve(replace(Config(), over), channels=1, num_classes=10, size=len(ds))
-        state = train.build_state(cfg, size=len(ds))
+        state = build_state(cfg, size=len(ds))
         if state.private is not None:
             batches = privacy.PoissonBatches(ds, state.private.q, seed=args.seed)
         else:
             batches = data.Batches(ds, cfg.train.batch_size, seed=args.seed)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            train.train_step(state, batches, cfg)
+            train_step(state, batches, cfg)
         secs = time.perf_counter() - t0
         g = state.g_ema.eval()
         with torch.no_grad():

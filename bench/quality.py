@@ -24,8 +24,10 @@ import time
 import torch
 from torch import nn
 
-from aigc_ray import data, metrics, train
-from aigc_ray.config import Config, DataConfig, replace, resolve
+from aigc_ray import data, metrics
+from aigc_ray.config import Config, DataConfig, replace
+from aigc_ray.plan import resolve
+from aigc_ray.gan.step import build_state, train_step
 
 OLD_DEFAULTS = {  # aigc_ray's defaults before the quality work (commit 7e36973)
     "model.arch": "dcgan", "model.latent_dim": 128, "model.spectral_norm": False, "model.d_norm": "batch",
@@ -102,14 +104,14 @@ def ours(ds: data.ImageSet, images: int, seed: int, overrides: dict, every: int 
     steps but the last (its time is not counted: the curve of one run, not a slower run)."""
     cfg = replace(Config(), {"data.dataset": "fashion-mnist", "train.seed": seed, **overrides})
     cfg = resolve(cfg, channels=1, num_classes=10, size=len(ds))
-    state = train.build_state(cfg)
+    state = build_state(cfg)
     batches = data.Batches(ds, cfg.train.batch_size, seed=seed)
     per_step = cfg.train.batch_size * cfg.loss.n_critic
     steps, secs = images // per_step, 0.0
     g = state.g_ema if state.g_ema is not None else state.g
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        train.train_step(state, batches, cfg)
+        train_step(state, batches, cfg)
         secs += time.perf_counter() - t0
         if every and step % every == 0 and step < steps:  # leaves the run as it was: same mode, same RNG
             mode, rng = g.training, torch.get_rng_state()

@@ -57,9 +57,9 @@ def main() -> None:
         if scheduler not in args.arms:
             continue
         t0 = time.time()
-        best = tune.search(base, name=scheduler, num_trials=args.members, max_steps=per,
-                           metric="fid-domain", eval_every=every, scheduler=scheduler,
-                           quantile=0.5 if args.members < 4 else 0.25, log=lambda *a: None)
+        best = tune.search(base, tune.Search(name=scheduler, num_trials=args.members, max_steps=per,
+                                             metric="fid-domain", eval_every=every, scheduler=scheduler,
+                                             quantile=0.5 if args.members < 4 else 0.25), log=lambda *a: None)
         score(name, best["checkpoint"], best["steps_run"], time.time() - t0, best.get("copies"))
     print(f"\n| arm | FID (Inception, {args.fid_samples} vs {args.ref_images} test) | G steps spent | wall s |\n"
           "|---|---|---|---|")

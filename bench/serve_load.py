@@ -75,7 +75,7 @@ def _minimal_app(checkpoint: str):
 
     from aigc_ray.checkpoint import load_generator
     from aigc_ray.images import grid, png_bytes
-    from aigc_ray.models import noise
+    from aigc_ray.seeds import noise
 
     @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 1})
     class Minimal:

@@ -28,18 +28,20 @@ from pathlib import Path
 import torch
 
 from aigc_ray import data, storage, train
-from aigc_ray.config import Config, replace, resolve
+from aigc_ray.config import Config, replace
+from aigc_ray.plan import resolve
+from aigc_ray.gan.step import build_state, train_step
 
 
 def plain_loop(cfg: Config, steps: int, window: int) -> float:
     """The train step in this process, no Ray: images/s over the windows after the first."""
     torch.set_num_threads(cfg.train.cpus_per_worker)
     rcfg = resolve(cfg, channels=1, num_classes=10)
-    state = train.build_state(rcfg)
+    state = build_state(rcfg)
     batches = data.Batches(data.load(rcfg.data), rcfg.train.batch_size, seed=0)
     rates, t0 = [], time.perf_counter()
     for s in range(1, steps + 1):
-        train.train_step(state, batches, rcfg)
+        train_step(state, batches, rcfg)
         if s % window == 0:
             float(state.opt_g.param_groups[0]["lr"])  # the Ray loop's report does a small sync here too
             now = time.perf_counter()

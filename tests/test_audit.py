@@ -7,7 +7,7 @@ import torch
 
 from aigc_ray import audit, data, metrics
 from aigc_ray.config import ConfigError, DataConfig
-from aigc_ray.features import extractor
+from aigc_ray.metrics.features import extractor
 
 FASHION = DataConfig(dataset="fashion-mnist")
 

@@ -3,13 +3,18 @@
 import pytest
 import torch
 
-from aigc_ray import augment, data, train
-from aigc_ray.augment import Augment
-from aigc_ray.config import ConfigError, resolve, validate
+from aigc_ray import data
+from aigc_ray.gan import augment
+from aigc_ray.gan.augment import Augment
+from aigc_ray.config import ConfigError, validate
+from aigc_ray.config import AUGMENTATIONS
+from aigc_ray.plan import resolve
+from aigc_ray.gan.step import build_state, train_step
 
 
-@pytest.mark.parametrize("op", augment.OPS)
+@pytest.mark.parametrize("op", AUGMENTATIONS)
 def test_each_augmentation_is_differentiable_and_changes_images(op):
+    assert set(augment.FUNCS) == set(AUGMENTATIONS)  # the config's vocabulary, every name implemented
     torch.manual_seed(0)
     x = torch.rand(8, 3, 32, 32, requires_grad=True)
     y = augment.FUNCS[op](x * 2 - 1, 1.0)
@@ -29,12 +34,12 @@ def test_p_is_the_share_of_images_changed():
 def test_d_sees_real_and_fake_through_the_same_augmentation(tiny):
     """With cutout at p=1 every image D is shown, real or fake, in its loss or G's, has a zeroed square."""
     cfg = resolve(tiny(augment__policy="cutout", augment__p=1.0), channels=1, num_classes=10)
-    state = train.build_state(cfg)
+    state = build_state(cfg)
     seen = []
     d = state.d
     real_forward = d.forward
     d.forward = lambda x, y=None: (seen.append(x.detach()), real_forward(x, y))[1]
-    train.train_step(state, data.Batches(data.load(cfg.data), 16, seed=0), cfg)
+    train_step(state, data.Batches(data.load(cfg.data), 16, seed=0), cfg)
     assert len(seen) == 3  # D(real), D(fake) in D's loss, D(fake) in G's
     for batch in seen:
         zeros = (batch == 0).flatten(1).sum(1)

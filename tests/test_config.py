@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from aigc_ray.config import Config, ConfigError, load_config, replace, resolve, validate
+from aigc_ray.config import Config, ConfigError, load_config, replace, validate
+from aigc_ray.plan import resolve
 
 
 def test_defaults_are_valid_and_frozen():

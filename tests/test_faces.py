@@ -130,7 +130,7 @@ def _iou(a, b) -> float:
 def test_faces_pasted_into_larger_pictures_are_found_where_they_were_put():
     import cv2
 
-    from aigc_ray import faces
+    from aigc_ray.data import faces
 
     ious = []
     for k in range(20):

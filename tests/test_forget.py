@@ -2,7 +2,6 @@
 metadata (trained, sampled, audited and reported); and `aigc-ray forget` removes everything derived from a
 folder of photos, and nothing else."""
 
-import io
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from PIL import Image
 
 from aigc_ray import audit, cli, train
+from aigc_ray import checkpoint as ckpt
 from aigc_ray.config import Config, replace
 
 NAME, MARKER = "alice_smith_passport", "MARKER-7f3a9c51"
@@ -81,6 +81,6 @@ def test_forget_lists_then_deletes_everything_derived_from_a_folder_and_nothing_
     assert not (storage / "mine").exists() and (storage / "theirs").exists()
     left = [p.name for p in (cache / "decoded").iterdir()]
     assert len(left) == 1  # theirs; the sample of theirs still loads
-    assert train.ckpt.read_meta(train.ckpt.find(str(storage / "theirs")))["step"] == 2
+    assert ckpt.read_meta(ckpt.find(str(storage / "theirs")))["step"] == 2
     assert cli.main(["forget", "--dataset", "fashion-mnist", "--storage", str(storage)]) == 2
     assert "folder:PATH" in capsys.readouterr().err

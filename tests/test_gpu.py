@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from aigc_ray import data, train
-from aigc_ray.config import resolve
-from aigc_ray.losses import LOSSES
+from aigc_ray.plan import resolve
+from aigc_ray.gan.losses import LOSSES
+from aigc_ray.gan.step import build_state, load_state_dict, state_dict, train_step
 
 DEVICE = os.environ.get("AIGC_RAY_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
@@ -22,12 +23,12 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_train_steps_with_amp_on_the_device(tiny, loss, amp):
     cfg = resolve(tiny(loss__name=loss, train__amp=amp), channels=1, num_classes=10)
-    state = train.build_state(cfg, DEVICE)
+    state = build_state(cfg, DEVICE)
     assert next(state.g.parameters()).device.type == torch.device(DEVICE).type
     batches = data.Batches(data.load(cfg.data), 16, seed=0, device=DEVICE)
     g0 = [p.detach().clone() for p in state.g.parameters()]
     for _ in range(3):
-        stats = train.train_step(state, batches, cfg)
+        stats = train_step(state, batches, cfg)
     assert all(torch.isfinite(v).all() for v in stats.values()), stats
     assert any(not torch.equal(a, b) for a, b in zip(g0, state.g.parameters()))
     assert state.scaler_g.is_enabled() == (amp == "fp16")
@@ -39,15 +40,15 @@ def test_resume_is_exact_on_the_device(tiny):
     ds = data.load(cfg.data)
 
     def run(steps, sd=None):
-        state = train.build_state(cfg, DEVICE)
+        state = build_state(cfg, DEVICE)
         if sd is not None:
-            train.load_state_dict(state, sd)
+            load_state_dict(state, sd)
         batches = data.Batches(ds, 16, seed=0, start=state.step * cfg.loss.n_critic, device=DEVICE)
         while state.step < steps:
-            train.train_step(state, batches, cfg)
+            train_step(state, batches, cfg)
         return state
 
-    straight, half = run(6), train.state_dict(run(4))
+    straight, half = run(6), state_dict(run(4))
     resumed = run(6, half)
     for a, b in zip(straight.g.parameters(), resumed.g.parameters()):
         assert torch.equal(a, b)

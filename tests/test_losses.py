@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from aigc_ray.config import LossConfig
-from aigc_ray.losses import LOSSES, gradient_penalty
-from aigc_ray.models import Discriminator
+from aigc_ray.gan.losses import LOSSES, gradient_penalty
+from aigc_ray.gan.models import Discriminator
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

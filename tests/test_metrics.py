@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from aigc_ray import data, features, metrics
+from aigc_ray import data, metrics
+from aigc_ray.metrics import features
 from aigc_ray.config import DataConfig
 
 FASHION = DataConfig(dataset="fashion-mnist")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from aigc_ray.models import Discriminator, Generator, generate, noise
+from aigc_ray.gan.models import Discriminator, Generator, generate
+from aigc_ray.seeds import noise
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])

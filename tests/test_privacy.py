@@ -12,7 +12,10 @@ import torch.multiprocessing as mp
 
 from aigc_ray import checkpoint as ckpt
 from aigc_ray import data, privacy, train
-from aigc_ray.config import ConfigError, DataConfig, resolve, validate
+from aigc_ray.config import ConfigError, DataConfig, validate
+from aigc_ray.plan import resolve
+from aigc_ray.gan.step import build_state, train_step, unwrap
+from aigc_ray.train.progress import progress_line
 
 N = 5000  # mnist-5k
 
@@ -25,10 +28,10 @@ def test_epsilon_after_k_steps_is_opacus_accountant_for_the_same_sigma_q_k(tiny)
     from opacus.accountants import RDPAccountant
 
     cfg = _resolved(tiny(privacy__noise_multiplier=0.8, train__batch_size=32))
-    state = train.build_state(cfg, size=N)
+    state = build_state(cfg, size=N)
     batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=0)
     for _ in range(12):
-        train.train_step(state, batches, cfg)
+        train_step(state, batches, cfg)
     acc = RDPAccountant()
     for _ in range(12):
         acc.step(noise_multiplier=0.8, sample_rate=32 / N)
@@ -68,12 +71,12 @@ def _noise_worker(rank, world, port, out):
                                      "model.latent_dim": 16, "train.batch_size": 16, "train.num_workers": world,
                                      "privacy.noise_multiplier": 100.0, "privacy.max_grad_norm": 1e-6}),
                   channels=1, num_classes=10, size=N)
-    state = train.build_state(cfg, size=N)
+    state = build_state(cfg, size=N)
     torch.manual_seed(1000 + rank)  # different data and fakes per worker, as in a real run
     batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=3,
                                      rank=rank, world=world)
-    train.train_step(state, batches, cfg)
-    grad = torch.cat([p.grad.flatten() for p in train.unwrap(state.d).parameters()])
+    train_step(state, batches, cfg)
+    grad = torch.cat([p.grad.flatten() for p in unwrap(state.d).parameters()])
     if rank == 0:
         torch.save(grad, out)
     dist.barrier()
@@ -164,11 +167,11 @@ def test_dp_noise_and_sampling_come_from_os_entropy_while_a_plain_run_replays_bi
 
 def test_a_dp_step_reports_nothing_computed_on_the_real_images(tiny):
     cfg = _resolved(tiny(privacy__noise_multiplier=1.0))
-    state = train.build_state(cfg, size=N)
+    state = build_state(cfg, size=N)
     batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=1)
-    stats = train.train_step(state, batches, cfg)
+    stats = train_step(state, batches, cfg)
     assert "loss_g" in stats and not set(stats) & {"loss_d", "d_real", "r_t", "real_batch"}
-    line = train.progress_line({**{k: float(v) for k, v in stats.items()}, "step": 1, "images_per_s": 1.0,
+    line = progress_line({**{k: float(v) for k, v in stats.items()}, "step": 1, "images_per_s": 1.0,
                                 "images_seen": 16, "epsilon": 0.1, "delta": 1e-5}, 4)
     assert "loss_d=private" in line
 

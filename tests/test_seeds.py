@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aigc_ray import seeds
+from aigc_ray.gan.step import fixed_noise
 
 
 def test_streams_differ_by_purpose_worker_and_step_and_repeat_exactly():
@@ -33,7 +34,7 @@ def test_image_i_of_seed_s_is_one_image_in_sample_eval_and_the_grid(tiny):
     assert np.abs(shown.astype(int) - scored.astype(int)).max() <= 1  # CPU kernels may pick by batch size
     halves = [generated_images(g, cfg, 16, seed=7, rank=r, world=2) for r in (0, 1)]
     assert torch.equal(torch.stack([halves[0], halves[1]], 1).flatten(0, 1), generated_images(g, cfg, 16, seed=7))
-    z, _ = train.fixed_noise(cfg)
+    z, _ = fixed_noise(cfg)
     assert torch.equal(z, seeds.latents(seeds.image_seeds(seeds.derive(cfg.train.seed, "grid"), 64), 16))
     grid_first = to_uint8(g(z[:1].clone(), None))[0].permute(1, 2, 0).numpy()
     again = sampler.forward(sampler.noise([seeds.derive(cfg.train.seed, "grid")], None))[0]

@@ -8,7 +8,10 @@ import torch
 
 from aigc_ray import checkpoint as ckpt
 from aigc_ray import data, train
-from aigc_ray.config import resolve
+from aigc_ray.plan import resolve
+from aigc_ray.gan.step import build_state, train_step
+from aigc_ray import plan
+from aigc_ray.train.worker import REPORT_EVERY_S
 
 
 def _resolved(cfg):
@@ -19,11 +22,11 @@ def _resolved(cfg):
 @pytest.mark.parametrize("loss", ["bce", "wgan-gp", "hinge", "lsgan"])
 def test_train_step_runs_without_ray_and_updates_both_nets(tiny, loss, arch):
     cfg = _resolved(tiny(loss__name=loss, model__arch=arch, model__spectral_norm=arch == "resnet"))
-    state = train.build_state(cfg)
+    state = build_state(cfg)
     g0 = [p.clone() for p in state.g.parameters()]
     d0 = [p.clone() for p in state.d.parameters()]
     batches = data.Batches(data.load(cfg.data), cfg.train.batch_size, seed=0)
-    stats = train.train_step(state, batches, cfg)
+    stats = train_step(state, batches, cfg)
     assert state.step == 1 and batches.i == cfg.loss.n_critic
     assert {"loss_d", "loss_g"} <= set(stats) and all(torch.isfinite(v) for v in stats.values())
     assert any(not torch.equal(a, b) for a, b in zip(g0, state.g.parameters()))
@@ -35,17 +38,17 @@ def test_train_step_runs_without_ray_and_updates_both_nets(tiny, loss, arch):
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 def test_conditional_train_step(tiny, arch):
     cfg = _resolved(tiny(model__conditional=True, loss__name="hinge", model__arch=arch))
-    state = train.build_state(cfg)
-    train.train_step(state, data.Batches(data.load(cfg.data), 16, seed=0), cfg)
+    state = build_state(cfg)
+    train_step(state, data.Batches(data.load(cfg.data), 16, seed=0), cfg)
     assert state.step == 1
 
 
 def test_ema_tracks_g_with_warmup(tiny):
     cfg = _resolved(tiny())
-    state = train.build_state(cfg)
+    state = build_state(cfg)
     batches = data.Batches(data.load(cfg.data), 16, seed=0)
     for _ in range(3):
-        train.train_step(state, batches, cfg)
+        train_step(state, batches, cfg)
     g, ema = list(state.g.parameters()), list(state.g_ema.parameters())
     assert not any(p.requires_grad for p in ema)
     assert any(not torch.equal(a, b) for a, b in zip(g, ema))  # an average, not a copy
@@ -122,7 +125,7 @@ def test_two_workers_write_checkpoints_and_resume_with_optimizer_state(ray_clust
     assert w9["opt_g"]["state"][0]["step"] == 9 and w9["opt_d"]["state"][0]["step"] == 9  # Adam continued
     assert json.loads((Path(second["checkpoint"]) / "meta.json").read_text())["metrics"]["images_seen"] == 9 * 16 * 2
     # The weights continued from step 6 rather than restarting: closer to step 6 than to a fresh init.
-    fresh = train.build_state(resolve(cfg, channels=1, num_classes=10))
+    fresh = build_state(resolve(cfg, channels=1, num_classes=10))
     k = "net.0.weight"
     assert (w9["g"][k] - w6["g"][k]).norm() < (w9["g"][k] - fresh.g.state_dict()[k]).norm()
 
@@ -147,7 +150,7 @@ def test_fast_steps_report_at_most_once_per_interval_and_both_workers_agree(ray_
     # images_per_s is over the workers' mean window, the clock they chose to report on (one worker's own
     # window can run short of it while the other's runs long, as when the CPUs are shared).
     window_s = [(s - s0) * 16 * 2 / r for s, s0, r in zip(steps, starts, rates)]
-    assert all(w >= train.REPORT_EVERY_S * 0.99 for w in window_s[:-1]), window_s
+    assert all(w >= REPORT_EVERY_S * 0.99 for w in window_s[:-1]), window_s
 
 
 @pytest.mark.parametrize("nodes,workers,cpus,concurrent,want", [
@@ -164,7 +167,7 @@ def test_fast_steps_report_at_most_once_per_interval_and_both_workers_agree(ray_
 ])
 def test_auto_workers_and_threads_fit_the_cluster(nodes, workers, cpus, concurrent, want):
     use_gpu = any(n.get("GPU") for n in nodes)
-    got = train.plan_workers(workers, cpus, use_gpu, nodes, concurrent)
+    got = plan.plan_workers(workers, cpus, use_gpu, nodes, concurrent)
     assert got == want
     if workers < 0 or (cpus == 0 and got[0] * concurrent <= sum(n["CPU"] for n in nodes)):
         # Every worker of every concurrent run has a node with room for it.
@@ -179,7 +182,7 @@ def test_auto_layout_uses_this_machine_and_the_progress_line_says_so(ray_cluster
     prepared = train.prepare(cfg)
     cpus = int(ray_cluster.cluster_resources()["CPU"])
     assert (prepared.train.num_workers, prepared.train.cpus_per_worker) == (1, cpus)
-    assert train.layout(prepared) == f"1 worker x {cpus} thread{'s' * (cpus > 1)}"
+    assert plan.layout(prepared) == f"1 worker x {cpus} thread{'s' * (cpus > 1)}"
     local = train.prepare(tiny(train__cpus_per_worker=0))
     assert local.train.num_workers == 0 and local.train.cpus_per_worker == len(__import__("os").sched_getaffinity(0))
     train.fit(tiny(train__cpus_per_worker=0, train__steps=2, train__log_every=2))

@@ -27,9 +27,10 @@ def test_bad_search_spaces_fail_with_one_line(space, needle):
 
 def test_bad_budgets_fail_before_any_trial(ray_cluster, tiny, tmp_path):
     with pytest.raises(ConfigError, match="must be > 0"):
-        tune.search(tiny(run__storage=str(tmp_path)), name="s", num_trials=0, max_steps=10)
+        tune.search(tiny(run__storage=str(tmp_path)), tune.Search(name="s", num_trials=0, max_steps=10))
     with pytest.raises(ConfigError, match=r"3 workers per trial \(1 CPUs each\) need 3 CPUs, the cluster has 2"):
-        tune.search(tiny(run__storage=str(tmp_path)), name="s", num_trials=1, max_steps=10, workers_per_trial=3)
+        tune.search(tiny(run__storage=str(tmp_path)), tune.Search(name="s", num_trials=1, max_steps=10,
+                                                                 workers_per_trial=3))
     assert not (tmp_path / "s").exists()
 
 
@@ -37,7 +38,7 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
     space = {"optim.lr_g": {"grid": [2e-3, 1e-3, 50.0]}, "optim.lr_d": 2e-3}
     kwargs = dict(name="s", num_trials=1, max_steps=40, metric="fid-domain", space=space,
                   max_concurrent=1, eval_every=10, eval_samples=200)
-    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs)
+    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), tune.Search(**kwargs))
     search = tmp_path / "s"
     trials = pd.read_csv(search / "trials.csv")
     per_trial = trials.groupby("trial_id").agg(steps=("step", "max"), best=("fid_domain", "min"))
@@ -64,7 +65,8 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
 
     # The same name again resumes the finished search instead of starting over.
     logs = []
-    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs, log=logs.append)
+    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), tune.Search(**kwargs),
+                        log=logs.append)
     assert any("resuming search s" in line for line in logs)
     assert again["trial_id"] == best["trial_id"] and again["steps_run"] == best["steps_run"]
 
@@ -81,7 +83,7 @@ def test_a_bad_pbt_search_is_one_line_before_any_trial(ray_cluster, tiny, tmp_pa
     args = {"name": "p", "num_trials": 4, "max_steps": 40, "eval_every": 10,
             "scheduler": "pbt", **kwargs}
     with pytest.raises(ConfigError) as e:
-        tune.search(tiny(run__storage=str(tmp_path)), **args)
+        tune.search(tiny(run__storage=str(tmp_path)), tune.Search(**args))
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "p").exists()
 
@@ -106,18 +108,16 @@ def test_readmes_pbt_example_searches_what_pbt_can_change():
     cannot change in a running member; the search takes PBT's part of it instead of refusing."""
     assert tune.load_space(None) is None
     assert tune.default_space(None, "pbt") == tune.PBT_SPACE and set(tune.PBT_SPACE) <= set(tune.PBT_MUTABLE)
-    assert tune.check_search(space=None, scheduler="pbt", num_trials=4, max_steps=3000, searcher="random",
-                             eval_every=0, perturb_every=0, quantile=0.25) == 500
+    assert tune.Search(scheduler="pbt", num_trials=4, max_steps=3000).checked().perturb_every == 500
     with pytest.raises(ConfigError, match="PBT cannot change loss.name"):
-        tune.check_search(space=tune.DEFAULT_SPACE, scheduler="pbt", num_trials=4, max_steps=3000,
-                          searcher="random", eval_every=0, perturb_every=0, quantile=0.25)
+        tune.Search(space=tune.DEFAULT_SPACE, scheduler="pbt", num_trials=4, max_steps=3000).checked()
 
 
 def test_pbt_leaves_a_members_final_report_alone():
     # A copy made at max_steps would restart the member with nothing left to train; PBT's own state (which
     # would hold this trial once it is added) is never consulted for it.
     raw = {"optim.lr_g": {"loguniform": [1e-4, 3e-3]}}
-    pbt = tune._scheduler("pbt", raw, tune.parse_space(raw), max_steps=40, grace_steps=0, perturb_every=10,
+    pbt = tune.make_scheduler("pbt", raw, tune.parse_space(raw), max_steps=40, grace_steps=0, perturb_every=10,
                           quantile=0.5)
     assert pbt.on_trial_result(None, object(), {"step": 40}) == "CONTINUE"
     assert pbt.on_trial_result(None, object(), {"step": 41}) == "CONTINUE"
@@ -126,7 +126,7 @@ def test_pbt_leaves_a_members_final_report_alone():
 def test_pbt_perturbs_a_choice_to_a_value_of_its_list_and_a_range_within_it():
     from ray.tune.schedulers.pbt import _explore
 
-    pbt = tune._scheduler("pbt", tune.PBT_SPACE, tune.parse_space(tune.PBT_SPACE), max_steps=40, grace_steps=0,
+    pbt = tune.make_scheduler("pbt", tune.PBT_SPACE, tune.parse_space(tune.PBT_SPACE), max_steps=40, grace_steps=0,
                           perturb_every=10, quantile=0.25)
     config = {"space": {"optim.lr_g": 1e-3, "optim.lr_d": 5e-5, "optim.beta1": 0.5, "train.ema_decay": 0.999}}
     seen = set()
@@ -155,7 +155,8 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
                   max_concurrent=2, eval_every=10, eval_samples=200, scheduler="pbt", perturb_every=10, quantile=0.5,
                   seed=1)
     logs = []
-    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs, log=logs.append)
+    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), tune.Search(**kwargs),
+                       log=logs.append)
     search = tmp_path / "p"
     first = pd.read_csv(search / "trials.csv").sort_values("step").groupby("trial_id")["lr_g"].first()
     assert set(first) == {1e-7, 2e-3}  # the seed drew both kinds of member
@@ -186,7 +187,8 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
 
     # An interrupted (here: finished) PBT search resumes like the others.
     again_logs = []
-    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), **kwargs, log=again_logs.append)
+    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), tune.Search(**kwargs),
+                        log=again_logs.append)
     assert any("resuming search p" in line for line in again_logs)
     assert again["trial_id"] == best["trial_id"] and again["copies"] == best["copies"]
 

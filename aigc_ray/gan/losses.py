@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LossConfig
+from ..config import LossConfig
 
 Stats = dict[str, torch.Tensor]
 

@@ -1,21 +1,12 @@
-"""One typed, frozen config for everything aigc_ray does.
-
-Defaults live here and nowhere else. The CLI flags, the Tune search space keys ("optim.lr_g") and the
-Serve options are views of these fields. A config is validated once, at the edge (`validate`), and
-`resolve` turns the "auto" values into concrete ones so the copy saved with a run describes it fully.
-
-    cfg = load_config("my.yaml", overrides={"optim.lr_g": 1e-4})
-    cfg = resolve(validate(cfg), channels=1, num_classes=10)
-"""
+"""The sections of a config: typed, frozen dataclasses whose fields hold every default and its help, and the
+vocabulary (loss names, datasets, augmentations) other modules implement."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 IMAGE_SIZES = (32, 64, 128)
@@ -24,6 +15,8 @@ D_NORMS = ("auto", "batch", "layer", "none")
 ARCHS = ("dcgan", "resnet")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 METRICS = ("fid-domain", "fid")
+DATASETS = ("fashion-mnist", "mnist-5k", "mnist", "cifar10", "celeba", "orl-faces")  # aigc_ray.data loads each; folder:PATH
+AUGMENTATIONS = ("color", "translation", "cutout")  # gan/augment.py implements each
 
 
 class ConfigError(ValueError):
@@ -138,6 +131,11 @@ class PrivacyConfig:
                                 flag="--dp-epsilon")
     delta: float = opt(1e-5, "DP: the delta of (epsilon, delta); must be < 1 / training images", flag="--dp-delta")
 
+    @property
+    def enabled(self) -> bool:
+        """DP is on when a noise multiplier or an epsilon is given."""
+        return self.noise_multiplier is not None or self.epsilon is not None
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -251,157 +249,3 @@ def replace(cfg: Config, overrides: dict[str, Any]) -> Config:
     return dataclasses.replace(
         cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in by_section.items()}
     )
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then a YAML/JSON file, then overrides (CLI flags); validated."""
-    cfg = Config()
-    if path:
-        try:
-            p = Path(path).expanduser()
-            found = p.is_file()
-        except (OSError, ValueError):  # a name too long, a NUL byte: no such file either
-            found = False
-        if not found:
-            raise ConfigError(f"config file not found: {str(path)[:200]!r}")
-        try:
-            text = p.read_text()
-            if p.suffix == ".json":
-                raw = json.loads(text)
-            else:
-                import yaml
-
-                raw = yaml.safe_load(text) or {}
-        except Exception as e:  # a syntax error in the user's file: name the file, not our stack
-            raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
-        cfg = Config.from_dict(raw)
-    if overrides:
-        cfg = replace(cfg, overrides)
-    return validate(cfg)
-
-
-MAX_SEED = 2**62  # image i of seed s draws from s + i: the sum stays a valid torch seed
-
-
-def check_run_name(name: str, key: str = "--name") -> str:
-    """A run, search or pipeline name is one folder under the storage, never a path out of it (., .., /)."""
-    _check(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}", name or "") is not None, key,
-           "must be one folder name: letters, digits, '.', '_' and '-', not starting with '.' or '-'", name)
-    return name
-
-
-def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {allowed}, got {value!r}")
-
-
-def validate(cfg: Config) -> Config:
-    """Check every value a user can get wrong; returns cfg unchanged or raises ConfigError."""
-    d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
-    from .data import check_name  # data names are owned by the data module
-
-    check_name(d.dataset)
-    _check(d.image_size in IMAGE_SIZES, "data.image_size", f"must be one of {IMAGE_SIZES}", d.image_size)
-    _check(d.channels in (0, 1, 3), "data.channels", "must be 0 (dataset's own), 1 or 3", d.channels)
-    _check(m.latent_dim > 0, "model.latent_dim", "must be > 0", m.latent_dim)
-    _check(m.ngf > 0 and m.ndf > 0, "model.ngf/ndf", "must be > 0", (m.ngf, m.ndf))
-    _check(m.d_norm in D_NORMS, "model.d_norm", f"must be one of {D_NORMS}", m.d_norm)
-    _check(m.num_classes >= 0, "model.num_classes", "must be >= 0", m.num_classes)
-    _check(m.arch in ARCHS, "model.arch", f"must be one of {ARCHS}", m.arch)
-    _check(d.limit >= 0, "data.limit", "must be >= 0 (0: all)", d.limit)
-    _check(not d.face_crop or d.dataset.startswith("folder:"), "data.face_crop",
-           "is for folders of everyday photos (folder:PATH)", d.dataset)
-    _check(lo.r1_weight >= 0, "loss.r1_weight", "must be >= 0", lo.r1_weight)
-    a = cfg.augment
-    if a.policy != "auto":
-        from .augment import parse
-
-        try:
-            parse(a.policy)
-        except ValueError as e:
-            raise ConfigError(f"augment.policy: {e}, got {a.policy!r}") from None
-    _check(0 <= a.p <= 1, "augment.p", "must be in [0, 1]", a.p)
-    _check(0 < a.target < 1, "augment.target", "must be in (0, 1)", a.target)
-    _check(a.speed > 0 and a.below >= 0, "augment.speed/below", "must be > 0 and >= 0", (a.speed, a.below))
-    _check(lo.name in LOSSES, "loss.name", f"must be one of {LOSSES}", lo.name)
-    _check(lo.gp_weight >= 0, "loss.gp_weight", "must be >= 0", lo.gp_weight)
-    _check(lo.n_critic >= 0, "loss.n_critic", "must be >= 0 (0: auto)", lo.n_critic)
-    if lo.name == "wgan-gp":
-        _check(m.d_norm != "batch", "model.d_norm", "BatchNorm breaks the per-sample gradient penalty of "
-               "wgan-gp; use layer or none", m.d_norm)
-    for key in ("lr_g", "lr_d"):
-        _check(getattr(o, key) > 0, f"optim.{key}", "must be > 0", getattr(o, key))
-    for key in ("beta1", "beta2"):
-        _check(0 <= getattr(o, key) < 1, f"optim.{key}", "must be in [0, 1)", getattr(o, key))
-    _check(t.steps > 0, "train.steps", "must be > 0", t.steps)
-    _check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
-    _check(t.num_workers >= -1, "train.num_workers", "must be >= 0, or -1 (auto)", t.num_workers)
-    _check(t.amp in AMP_MODES, "train.amp", f"must be one of {AMP_MODES}", t.amp)
-    _check(t.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 1, or 0 (auto)", t.cpus_per_worker)
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)", t.ema_decay)
-    for key in ("log_every", "ckpt_every"):
-        _check(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))
-    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0", t.keep_checkpoints)
-    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0", t.eval_every)
-    _check(t.eval_metric in METRICS, "train.eval_metric", f"must be one of {METRICS}", t.eval_metric)
-    _check(t.eval_samples > 0, "train.eval_samples", "must be > 0", t.eval_samples)
-    if t.eval_dataset:
-        check_name(t.eval_dataset)
-    _check(t.max_failures >= 0, "train.max_failures", "must be >= 0", t.max_failures)
-    if cfg.run.name:
-        check_run_name(cfg.run.name, "run.name")
-    _check(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}]", t.seed)
-    _check(bool(cfg.run.storage), "run.storage", "must not be empty", cfg.run.storage)
-    from .privacy import check
-
-    check(cfg, 0)
-    return cfg
-
-
-def with_cache(cfg: Config) -> Config:
-    """data.cache made concrete where it must be shared: under a remote run.storage, so every node and every
-    later command on it uses the same domain classifier and reference statistics (never a node's own)."""
-    d = cfg.data
-    if d.cache or os.environ.get("AIGC_RAY_CACHE") or "://" not in cfg.run.storage:
-        return cfg
-    return replace(cfg, {"data.cache": f"{cfg.run.storage.rstrip('/')}/.cache"})
-
-
-def cache_root(d: DataConfig) -> str:
-    """The cache location data and features use: data.cache, else $AIGC_RAY_CACHE, else ~/.cache/aigc_ray."""
-    return d.cache or os.environ.get("AIGC_RAY_CACHE") or "~/.cache/aigc_ray"
-
-
-def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = False, size: int = 0,
-            spent: list | None = None, class_names: list[str] | None = None, people: bool = False) -> Config:
-    """Make every 'auto' value concrete, given what the dataset (size: training images, its class names, whether
-    its labels are people) and cluster are; spent: the DP accountant history of a resumed checkpoint."""
-    import time
-
-    from . import privacy
-
-    cfg = with_cache(cfg)
-    if size:  # DP first: it picks D's normalisation, and sigma or the last step from epsilon
-        cfg = replace(cfg, privacy.resolved(cfg, size, spent))
-    lo, m, t, d = cfg.loss, cfg.model, cfg.train, cfg.data
-    conditional = m.conditional if m.conditional is not None else (people and num_classes >= 2)
-    if conditional and num_classes <= 0:
-        raise ConfigError(f"model.conditional: dataset {d.dataset!r} has no labels; drop --conditional")
-    if conditional and num_classes < 2 and not m.num_classes:
-        raise ConfigError(f"model.conditional: {d.dataset} has one class (one subfolder); a conditional model needs "
-                          "at least 2 people (one subfolder each), or train it with --no-conditional")
-    overrides = {
-        "data.channels": d.channels or channels,
-        "model.d_norm": m.d_norm if m.d_norm != "auto" else (
-            "none" if lo.name == "wgan-gp" or m.arch == "resnet" or m.spectral_norm else "batch"),
-        "model.conditional": bool(conditional),
-        "model.num_classes": (m.num_classes or num_classes) if conditional else 0,
-        "model.class_names": (m.class_names or tuple(class_names or ())) if conditional else (),
-        "loss.n_critic": lo.n_critic or (5 if lo.name == "wgan-gp" else 1),
-        "train.amp": t.amp if t.amp != "auto" else ("bf16" if use_gpu else "none"),
-        "augment.policy": cfg.augment.policy if cfg.augment.policy != "auto" else (
-            "translation,cutout" if 0 < size < cfg.augment.below else "none"),
-        "train.use_gpu": bool(use_gpu),
-        "run.name": cfg.run.name or f"{d.dataset.split(':')[0]}-{lo.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-    }
-    return validate(replace(cfg, overrides))

@@ -16,16 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OPS = ("color", "translation", "cutout")
-
-
-def parse(policy: str) -> tuple[str, ...]:
-    """'color,translation' -> ('color', 'translation'); 'none' or '' -> (); unknown names raise ValueError."""
-    names = tuple(p.strip() for p in policy.split(",") if p.strip() and p.strip() != "none")
-    bad = [n for n in names if n not in OPS]
-    if bad:
-        raise ValueError(f"unknown augmentation(s) {bad}; allowed: {', '.join(OPS)} (comma-separated) or none")
-    return names
+from ..config import parse_policy as parse
 
 
 def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:

