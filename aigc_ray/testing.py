@@ -101,7 +101,7 @@ class ObjectStore:
 class Cluster:
     """A head node with no CPUs; worker nodes added in namespaces of their own. Stopped on close."""
 
-    def __init__(self, tmp: Path | str, env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path | str, env: dict[str, str] | None = None, head_env: dict[str, str] | None = None):
         self.tmp = Path(tmp)
         self.port, self.dash, *agent = free_ports(6)
         self.env = {**os.environ, **(env or {}), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -127,18 +127,21 @@ class Cluster:
              f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
              "--include-dashboard=true", *self._agent_flags(agent), "--object-store-memory=500000000",
              "--disable-usage-stats", f"--temp-dir={self.ray_tmp}"],
-            env=self.env, stdout=open(self.tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            env={**self.env, **(head_env or {})}, stdout=open(self.tmp / "head.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
 
     @classmethod
     @contextlib.contextmanager
     def up(cls, tmp: Path | str, env: dict[str, str] | None = None, nodes: int = 1, cpus: int = 2,
-           attempts: int = 2, say=None):
+           attempts: int = 2, say=None, first_head_env: dict[str, str] | None = None):
         """A started cluster: the head and `nodes` worker nodes alive, stopped on exit. A start that fails
         (a port another process took meanwhile, a head too slow on a busy machine) is said (on stderr, or to
-        `say`) with its logs and tried again from scratch, on fresh ports, up to `attempts` times in all."""
+        `say`) with its logs and tried again from scratch, on fresh ports, up to `attempts` times in all.
+        first_head_env: more environment for the first attempt's head (a test of a failing start: how long
+        that head waits for its GCS before it gives up)."""
         say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         for attempt in range(1, attempts + 1):
-            c = cls(Path(tmp) / f"start{attempt}", env)
+            c = cls(Path(tmp) / f"start{attempt}", env, head_env=first_head_env if attempt == 1 else None)
             try:
                 c.wait_nodes(1)
                 for _ in range(nodes):
@@ -257,9 +260,11 @@ class Cluster:
                 self.kill_node(node)
         self.head.send_signal(signal.SIGTERM)  # --block: stopping this process stops the head
         try:
-            self.head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.head.pid, signal.SIGKILL)
+            self.head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a head still draining (a Serve app, a job) after 10 s: its whole group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.head.pid, signal.SIGKILL)
+            self.head.wait(timeout=30)
         if self._ray_logs.is_dir():  # kept beside the nodes' logs; the sockets and the rest go
             shutil.copytree(self._ray_logs, self.tmp / "head-logs", dirs_exist_ok=True, ignore_dangling_symlinks=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)

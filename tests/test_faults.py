@@ -48,13 +48,13 @@ def _run_with_kills(cfg, kills: int):
 
 
 def test_three_worker_kills_are_survived(ray_cluster, tiny):
-    cfg = tiny(train__num_workers=2, train__steps=1500, train__log_every=50, train__ckpt_every=50,
+    cfg = tiny(train__num_workers=2, train__steps=600, train__log_every=25, train__ckpt_every=25,
                train__max_failures=3, run__name="kills")
     out, killed = _run_with_kills(cfg, kills=3)
     assert len(set(killed)) == 3
-    assert out["step"] == 1500
+    assert out["step"] == 600
     state = ckpt.load(out["checkpoint"])
-    assert state["step"] == 1500 and state["opt_g"]["state"][0]["step"] == 1500
+    assert state["step"] == 600 and state["opt_g"]["state"][0]["step"] == 600
 
 
 def test_a_kill_beyond_max_failures_fails_with_a_clear_message(ray_cluster, tiny):

@@ -52,7 +52,8 @@ def cluster(tmp_path_factory, s3):
         return got
 
     with mock.patch.object(testing, "free_ports", ports), \
-            Cluster.up(tmp_path_factory.mktemp("nodes"), env=s3.env, nodes=1, say=said.append) as c:
+            Cluster.up(tmp_path_factory.mktemp("nodes"), env=s3.env, nodes=1, say=said.append,
+                       first_head_env={"RAY_gcs_server_port_wait_time_s": "2"}) as c:  # that head gives up soon
         c.s3, c.taken_port, c.said = s3, taken.getsockname()[1], said
         taken.close()
         yield c
@@ -113,7 +114,7 @@ def test_training_on_the_worker_node_checkpoints_to_s3(cluster, tmp_path):
 
 
 def test_a_worker_node_dies_and_the_run_finishes_on_a_fresh_one(cluster, tmp_path):
-    steps = 300
+    steps = 150
     proc = cluster.cli_bg("train", *TINY, "--num-workers", "2", "--steps", str(steps), "--ckpt-every", "25",
                           "--log-every", "25", "--max-failures", "3", "--storage", "s3://aigc/runs",
                           "--name", "nodeloss", "--json", log=tmp_path / "train.log")
