@@ -13,6 +13,7 @@ SESSION_CLUSTER = {"test_train.py", "test_tune.py", "test_faults.py", "test_metr
                    "test_serve.py", "test_gpu.py", "test_serving_trust.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group("session" if item.path.name in SESSION_CLUSTER else "own"))
