@@ -5,18 +5,11 @@ import os
 
 import pytest
 
-# `make test` runs two xdist workers (-n 2 --dist loadgroup), a group each. On one, the tests on the session
-# cluster (ray_cluster), and the services of test_serving_trust; on the other, the multi-node cluster's tests,
-# the GPU check's and those that need no cluster. One session cluster at a time, so its dashboard agent keeps
-# its ports; about half the suite's time each. `pytest` alone runs everything in one process, as before.
-SESSION_CLUSTER = {"test_train.py", "test_tune.py", "test_faults.py", "test_metrics.py", "test_privacy.py",
-                   "test_serve.py", "test_gpu.py", "test_serving_trust.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("session" if item.path.name in SESSION_CLUSTER else "own"))
+# `make test` runs two xdist workers (-n 2 --dist loadgroup). A module's `xdist_group` keeps its tests on one
+# worker: "session" for every module on the session cluster (ray_cluster), so one session cluster runs at a
+# time and its dashboard agent keeps its ports; "nodes" (the multi-node cluster) and "trust" (its services)
+# for modules whose module fixtures start clusters of their own. The rest go wherever a worker is free.
+# `pytest` alone runs everything in one process, as before.
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("AIGC_RAY_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
