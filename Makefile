@@ -32,10 +32,8 @@ data:
 demo: venv data
 	$(BIN)/aigc-ray demo
 
-# Two workers: the session cluster's tests on one, the multi-node cluster's and the rest on the other
-# (tests/conftest.py); about half the time of one process on 2 CPUs.
 test: venv data
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest
 
 bench: venv data
 	$(BIN)/python bench/train_throughput.py --two-workers

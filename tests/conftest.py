@@ -5,12 +5,6 @@ import os
 
 import pytest
 
-# `make test` runs two xdist workers (-n 2 --dist loadgroup). A module's `xdist_group` keeps its tests on one
-# worker: "session" for every module on the session cluster (ray_cluster), so one session cluster runs at a
-# time and its dashboard agent keeps its ports; "nodes" (the multi-node cluster) and "trust" (its services)
-# for modules whose module fixtures start clusters of their own. The rest go wherever a worker is free.
-# `pytest` alone runs everything in one process, as before.
-
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("AIGC_RAY_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
 

@@ -11,8 +11,6 @@ import pytest
 from aigc_ray import checkpoint as ckpt
 from aigc_ray import train
 
-pytestmark = pytest.mark.xdist_group("session")  # on the session cluster: one worker (conftest.py)
-
 
 def _complete(run_dir: Path) -> set[str]:
     return {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and ckpt.is_complete(p)}

@@ -15,7 +15,7 @@ from aigc_ray.gan.losses import LOSSES
 from aigc_ray.gan.step import build_state, load_state_dict, state_dict, train_step
 
 DEVICE = os.environ.get("AIGC_RAY_DEVICE", "cuda")
-pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("session"),
+pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no GPU here")]
 
 

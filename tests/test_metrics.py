@@ -10,8 +10,6 @@ from aigc_ray import data, metrics
 from aigc_ray.metrics import features
 from aigc_ray.config import DataConfig
 
-pytestmark = pytest.mark.xdist_group("session")  # on the session cluster: one worker (conftest.py)
-
 FASHION = DataConfig(dataset="fashion-mnist")
 
 

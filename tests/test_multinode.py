@@ -28,7 +28,7 @@ from PIL import Image
 
 from aigc_ray.testing import BIN, REPO, Cluster, free_ports
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("nodes")]  # one worker: the module's cluster
+pytestmark = pytest.mark.slow
 
 TINY = ["--dataset", "mnist-5k", "--ngf", "8", "--ndf", "8", "--latent-dim", "16", "--batch-size", "16"]
 

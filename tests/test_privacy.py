@@ -17,8 +17,6 @@ from aigc_ray.plan import resolve
 from aigc_ray.gan.step import build_state, train_step, unwrap
 from aigc_ray.train.progress import progress_line
 
-pytestmark = pytest.mark.xdist_group("session")  # on the session cluster: one worker (conftest.py)
-
 N = 5000  # mnist-5k
 
 

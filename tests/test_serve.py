@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.xdist_group("session")  # on the session cluster: one worker (conftest.py)
-
 URL = "http://127.0.0.1:8000"
 
 

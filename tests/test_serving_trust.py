@@ -25,7 +25,7 @@ import pytest
 
 from aigc_ray.testing import free_ports
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trust")]  # one worker: the module's services
+pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 RAY_PROCESSES = ("gcs_server", "raylet", "ray::", "default_worker.py", "dashboard/dashboard.py", "dashboard/agent.py",
                  "runtime_env/agent/main.py", "autoscaler/_private/monitor.py", "log_monitor.py")

@@ -13,8 +13,6 @@ from aigc_ray.gan.step import build_state, train_step
 from aigc_ray import plan
 from aigc_ray.train.worker import REPORT_EVERY_S
 
-pytestmark = pytest.mark.xdist_group("session")  # on the session cluster: one worker (conftest.py)
-
 
 def _resolved(cfg):
     return resolve(cfg, channels=1, num_classes=10)

@@ -10,8 +10,6 @@ from aigc_ray import tune
 from aigc_ray.checkpoint import load_generator
 from aigc_ray.config import ConfigError
 
-pytestmark = pytest.mark.xdist_group("session")  # on the session cluster: one worker (conftest.py)
-
 
 @pytest.mark.parametrize("space,needle", [
     ({"optim.lr": {"loguniform": [1e-4, 1e-3]}}, "unknown key 'optim.lr'"),
