@@ -8,7 +8,7 @@ translation + cutout augmentation: what orl-faces gets automatically) runs in th
 each segment G_ema is scored:
 - identity fidelity: of 10 images generated for each person k, the share that a face-identity classifier
   assigns to k. The classifier is aigc_ray's domain classifier trained on the 320 real training photos
-  (LeNet-sized, features.DomainNet); its accuracy on the 80 held-out photos is printed beside it;
+  (LeNet-sized, metrics.features.DomainNet); its accuracy on the 80 held-out photos is printed beside it;
 - copy rate: the memorization audit (domain features) against the 320 training photos, with the held-out
   photos as the reference of "close but new";
 - KID (Inception features) of 400 samples against the 80 held-out photos;
