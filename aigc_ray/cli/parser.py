@@ -72,14 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_flags(p: argparse.ArgumentParser, fn, *, verbose: str) -> None:
+    """The flags every command that runs on a Ray cluster ends with (train, tune), and the function it runs."""
+    p.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    p.add_argument("--verbose", action="store_true", help=verbose)
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN)
+    p.set_defaults(fn=fn)
+
+
 def _train_command(sub) -> None:
     t = sub.add_parser("train", help="train or resume a GAN with Ray Train (DDP workers)")
     add_config_flags(t)
-    t.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
-    t.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    t.add_argument("--verbose", action="store_true", help="show Ray Train's own log lines too")
-    t.add_argument("--dry-run", action="store_true", help=DRY_RUN)
-    t.set_defaults(fn=cmd_train)
+    _run_flags(t, cmd_train, verbose="show Ray Train's own log lines too")
 
 
 def _sample_command(sub) -> None:
@@ -121,11 +126,7 @@ def _tune_command(sub) -> None:
                     "EMA decay, loss weights); none [asha]")
     tn.add_argument("--perturb-every", type=int, default=0, help="PBT: steps between copies [0: --eval-every]")
     tn.add_argument("--quantile", type=float, default=0.25, help="PBT: share of members that copy / are copied [0.25]")
-    tn.add_argument("--verbose", action="store_true", help="show Ray's own log lines from every worker too")
-    tn.add_argument("--address", default=None, help="Ray cluster to use [default: start a local one]")
-    tn.add_argument("--json", action="store_true", help="end with one JSON line of results")
-    tn.add_argument("--dry-run", action="store_true", help=DRY_RUN)
-    tn.set_defaults(fn=cmd_tune)
+    _run_flags(tn, cmd_tune, verbose="show Ray's own log lines from every worker too")
 
 
 def _serve_command(sub) -> None:
