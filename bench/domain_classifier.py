@@ -1,6 +1,7 @@
-"""Train the domain classifier aigc_ray ships (fid-domain's features for Fashion-MNIST at 32 px) again.
+"""Train a domain classifier aigc_ray ships (fid-domain's features for Fashion-MNIST or mnist-5k at 32 px) again.
 
     python bench/domain_classifier.py                # train, report, compare with the shipped weights
+    python bench/domain_classifier.py --dataset mnist-5k
     python bench/domain_classifier.py --write        # and replace the shipped file
 
 The shipped classifier makes fid-domain the same yardstick on every machine (as Inception's weights are for

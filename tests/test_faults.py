@@ -47,14 +47,16 @@ def _run_with_kills(cfg, kills: int):
         t.join()
 
 
-def test_three_worker_kills_are_survived(ray_cluster, tiny):
-    cfg = tiny(train__num_workers=2, train__steps=600, train__log_every=25, train__ckpt_every=25,
-               train__max_failures=3, run__name="kills")
-    out, killed = _run_with_kills(cfg, kills=3)
-    assert len(set(killed)) == 3
-    assert out["step"] == 600
+def test_as_many_worker_kills_as_max_failures_are_survived(ray_cluster, tiny):
+    # Two, not more: each costs a worker-group restart (~25-30 s: fresh processes import torch again), and
+    # the second proves the count goes on after a restart.
+    cfg = tiny(train__num_workers=2, train__steps=400, train__log_every=25, train__ckpt_every=25,
+               train__max_failures=2, run__name="kills")
+    out, killed = _run_with_kills(cfg, kills=2)
+    assert len(set(killed)) == 2
+    assert out["step"] == 400
     state = ckpt.load(out["checkpoint"])
-    assert state["step"] == 600 and state["opt_g"]["state"][0]["step"] == 600
+    assert state["step"] == 400 and state["opt_g"]["state"][0]["step"] == 400
 
 
 def test_a_kill_beyond_max_failures_fails_with_a_clear_message(ray_cluster, tiny):

@@ -38,6 +38,11 @@ GIVE_UP_SOON = {"RAY_gcs_rpc_server_connect_timeout_s": "3", "RAY_gcs_rpc_server
                 "RAY_gcs_server_request_timeout_seconds": "3"}
 
 
+# The worker node's CPUs (logical: this machine has 2): enough for a 2-worker run, a 2-trial search and a
+# replica at once, which the last test takes away together.
+NODE_CPUS = 5
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
     """The module's cluster. Its first start is made to fail, the head's port taken by another process, as a
@@ -57,7 +62,7 @@ def cluster(tmp_path_factory, s3):
         return got
 
     with mock.patch.object(testing, "free_ports", ports), \
-            Cluster.up(tmp_path_factory.mktemp("nodes"), env=s3.env, nodes=1, say=said.append,
+            Cluster.up(tmp_path_factory.mktemp("nodes"), env=s3.env, nodes=1, cpus=NODE_CPUS, say=said.append,
                        first_head_env=GIVE_UP_SOON) as c:
         c.s3, c.taken_port, c.said = s3, taken.getsockname()[1], said
         taken.close()
@@ -110,7 +115,7 @@ def test_training_on_the_worker_node_checkpoints_to_s3(cluster, tmp_path):
     assert {"runs/ddp/checkpoint_00000006/meta.json", "runs/ddp/checkpoint_00000006/model.pt",
             "runs/ddp/checkpoint_00000003/samples.png", "runs/ddp/config.json"} <= set(keys)
     assert any(k.startswith("runs/ddp/tensorboard/events.out.tfevents") for k in keys)
-    assert _objects(cluster.s3, "runs/.cache/domain/")  # the domain classifier is the storage's, not a node's
+    assert _objects(cluster.s3, "runs/.cache/fid_refs/")  # the scoring reference is the storage's, not a node's
     r = cluster.cli("sample", "--checkpoint", "s3://aigc/runs/ddp", "--n", "4", "--out", str(tmp_path / "g.png"),
                     "--json", cwd=tmp_path, connect=False)
     assert r.returncode == 0 and _json_line(r.stdout)["step"] == 6, r.stderr[-2000:]
@@ -118,83 +123,11 @@ def test_training_on_the_worker_node_checkpoints_to_s3(cluster, tmp_path):
     assert not list(home.rglob("aigc_ray")) and not (tmp_path / "runs").exists()  # nothing local
 
 
-def test_a_worker_node_dies_and_the_run_finishes_on_a_fresh_one(cluster, tmp_path):
-    steps = 150
-    proc = cluster.cli_bg("train", *TINY, "--num-workers", "2", "--steps", str(steps), "--ckpt-every", "25",
-                          "--log-every", "25", "--max-failures", "3", "--storage", "s3://aigc/runs",
-                          "--name", "nodeloss", "--json", log=tmp_path / "train.log")
-    try:
-        _wait_for_checkpoint(cluster, "runs/nodeloss/", proc, tmp_path / "train.log")
-        cluster.kill_node(cluster.nodes[-1])  # the node and both Train workers on it are gone
-        cluster.add_node()  # a fresh machine: empty disk, same package
-        assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = (tmp_path / "train.log").read_text()
-    assert "worker group of nodeloss continues at step" in log  # from the checkpoint in S3, not from step 0
-    out = _json_line(log)
-    assert out["step"] == steps and out["checkpoint"] == f"s3://aigc/runs/nodeloss/checkpoint_{steps:08d}"
-    from aigc_ray import checkpoint as ckpt
-
-    with _storage_env(cluster.s3):
-        state = ckpt.load(out["checkpoint"])
-    assert state["step"] == steps and state["opt_g"]["state"][0]["step"] == steps  # Adam counted every G step
-
-
 def _wait_for_checkpoint(cluster, prefix: str, proc, log, timeout=300) -> None:
     deadline = time.time() + timeout
     while not any(k.endswith("meta.json") and "/checkpoint_" in k for k in _objects(cluster.s3, prefix)):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)
-
-
-def test_a_search_goes_on_through_a_node_loss_and_writes_best_json_to_s3(cluster, tmp_path):
-    log = tmp_path / "tune.log"
-    proc = cluster.cli_bg("tune", *TINY, "--num-trials", "2", "--max-steps", "300", "--eval-every", "50",
-                          "--eval-samples", "64", "--max-concurrent", "2", "--storage", "s3://aigc/runs",
-                          "--name", "search", "--json", log=log)
-    try:
-        _wait_for_checkpoint(cluster, "runs/train-", proc, log)
-        cluster.kill_node(cluster.nodes[-1])  # both trials, their Train workers and controllers go with it
-        cluster.add_node()
-        assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = _json_line(log.read_text())
-    assert out["trials"] == 2 and all(not row["error"] for row in out["table"])
-    best = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="runs/search/best.json")["Body"].read())
-    assert best["checkpoint"].startswith("s3://aigc/runs/train-") and best["metric"] == "fid_domain"
-    assert best["checkpoint"] == out["checkpoint"] and best["step"] % 50 == 0
-    assert {"runs/search/trials.csv", "runs/search/fid_vs_step.png"} <= set(_objects(cluster.s3, "runs/search/"))
-
-
-def test_serve_loads_the_winner_from_s3_on_the_worker_node_and_heals(cluster, tmp_path):
-    (port,) = free_ports(1)
-    r = cluster.cli("serve", "--best", "s3://aigc/runs/search/best.json", "--port", str(port), "--ingress", "proxy",
-                    "--proxy-location", "HeadOnly", "--detach", "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    url = f"http://127.0.0.1:{port}"
-    info = httpx.get(f"{url}/info", timeout=60).json()
-    assert info["checkpoint"].startswith("s3://aigc/runs/train-")
-    first = httpx.get(f"{url}/sample.png", params={"n": 4, "seed": 1}, timeout=60)
-    assert first.status_code == 200 and Image.open(io.BytesIO(first.content)).size == (70, 70)
-    # The replica's node goes away; Serve starts a replica on a fresh node, which loads from S3 again.
-    cluster.kill_node(cluster.nodes[-1])
-    cluster.add_node()
-    deadline, again = time.time() + 240, None
-    while time.time() < deadline:
-        try:
-            again = httpx.get(f"{url}/sample.png", params={"n": 4, "seed": 1}, timeout=30)
-            if again.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    assert again is not None and again.status_code == 200 and again.content == first.content
-    subprocess.run([str(BIN / "serve"), "shutdown", "--address", cluster.dashboard, "--yes"], env=cluster.env,
-                   check=True, capture_output=True, timeout=120)  # its replica's CPU goes back to the next tests
 
 
 def _upload_faces(s3, prefix: str, n: int) -> None:
@@ -285,3 +218,85 @@ def test_the_whole_pipeline_as_a_ray_job(cluster):
     info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
     assert info["metric"] == "fid" and info["step"] == 6 and info["checkpoint"] == result["checkpoint"]
     assert "no image was held out" in info["audit"]["skipped"] and info["privacy"] is None  # mnist-5k, whole
+    cluster.service = f"http://127.0.0.1:{port}"  # left up: the next test takes its replica's node away
+
+
+def _get(url: str, timeout: float = 240) -> httpx.Response:
+    """GET until a 200 (a replica on a fresh node loads the model from S3 meanwhile) or the timeout."""
+    deadline, r = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            r = httpx.get(url, timeout=30)
+            if r.status_code == 200:
+                return r
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"{url}: no 200 within {timeout} s (last: {r.status_code if r else 'no answer'})")
+
+
+def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
+    """The worker node dies while a 2-worker training run, a 2-trial search and the pipeline's service all
+    run on it; a fresh machine (empty disk, same package) joins. The run continues from its checkpoint in
+    S3, the search's trials start again and resume theirs, Serve starts the replica on the new node (which
+    loads the model from S3 again), and `aigc-ray serve --best` then deploys the search's winner there."""
+    url = getattr(cluster, "service", None)
+    assert url, "the pipeline test's service is not up"
+    first = _get(f"{url}/sample.png?n=4&seed=1", timeout=30)
+    steps = 600
+    run_log, search_log = tmp_path / "train.log", tmp_path / "tune.log"
+    (tmp_path / "space.yaml").write_text("optim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}\n")  # TINY's nets
+    one_cpu = ["--cpus-per-worker", "1"]  # 2 workers + 2 trials + the replica: the node's 5 CPUs
+    search = cluster.cli_bg("tune", *TINY, *one_cpu, "--num-trials", "2", "--max-steps", "300", "--eval-every",
+                            "25", "--eval-samples", "64", "--max-concurrent", "2", "--search-space",
+                            str(tmp_path / "space.yaml"), "--storage", "s3://aigc/runs", "--name", "search", "--json",
+                            log=search_log)
+    run = cluster.cli_bg("train", *TINY, *one_cpu, "--num-workers", "2", "--steps", str(steps), "--ckpt-every",
+                         "25", "--log-every", "25", "--max-failures", "3", "--storage", "s3://aigc/runs",
+                         "--name", "nodeloss", "--json", log=run_log)
+    try:
+        _wait_for_checkpoint(cluster, "runs/nodeloss/", run, run_log)
+        _wait_for_checkpoint(cluster, "runs/train-", search, search_log)
+        assert run.poll() is None and search.poll() is None  # both still at work when the machine goes
+        cluster.kill_node(cluster.nodes[-1])  # the node, both Train workers, both trials and the replica
+        cluster.add_node(cpus=NODE_CPUS)
+        assert run.wait(timeout=600) == 0, run_log.read_text()[-3000:]
+        assert search.wait(timeout=900) == 0, search_log.read_text()[-3000:]
+    finally:
+        for proc in (run, search):
+            if proc.poll() is None:
+                proc.kill()
+
+    # The run: from the checkpoint in S3, not from step 0, with Adam's count of every G step.
+    log = run_log.read_text()
+    assert "worker group of nodeloss continues at step" in log
+    out = _json_line(log)
+    assert out["step"] == steps and out["checkpoint"] == f"s3://aigc/runs/nodeloss/checkpoint_{steps:08d}"
+    from aigc_ray import checkpoint as ckpt
+
+    with _storage_env(cluster.s3):
+        state = ckpt.load(out["checkpoint"])
+    assert state["step"] == steps and state["opt_g"]["state"][0]["step"] == steps
+
+    # The search: both trials finished, best.json in S3 names the winner.
+    out = _json_line(search_log.read_text())
+    assert out["trials"] == 2 and all(not row["error"] for row in out["table"])
+    best = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="runs/search/best.json")["Body"].read())
+    assert best["checkpoint"].startswith("s3://aigc/runs/train-") and best["metric"] == "fid_domain"
+    assert best["checkpoint"] == out["checkpoint"] and best["step"] % 25 == 0
+    assert {"runs/search/trials.csv", "runs/search/fid_vs_step.png"} <= set(_objects(cluster.s3, "runs/search/"))
+
+    # The service: healed on the fresh node, the same bytes for the same seed.
+    assert _get(f"{url}/sample.png?n=4&seed=1").content == first.content
+
+    # The search's winner, from its best.json in S3, replaces the app in place on the same port.
+    port = int(url.rsplit(":", 1)[1])
+    r = cluster.cli("serve", "--best", "s3://aigc/runs/search/best.json", "--port", str(port), "--ingress", "proxy",
+                    "--proxy-location", "HeadOnly", "--detach", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    deadline = time.time() + 120
+    while httpx.get(f"{url}/info", timeout=30).json()["checkpoint"] != best["checkpoint"]:
+        assert time.time() < deadline, "the search's winner was not served"
+        time.sleep(1)
+    img = _get(f"{url}/sample.png?n=4&seed=1")
+    assert Image.open(io.BytesIO(img.content)).size == (70, 70) and img.content != first.content

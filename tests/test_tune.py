@@ -1,6 +1,8 @@
 """A real Ray Tune search over Ray Train trials on mnist-5k, with tiny budgets."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -34,11 +36,38 @@ def test_bad_budgets_fail_before_any_trial(ray_cluster, tiny, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tiny, tmp_path):
-    space = {"optim.lr_g": {"grid": [2e-3, 1e-3, 50.0]}, "optim.lr_d": 2e-3}
-    kwargs = dict(name="s", num_trials=1, max_steps=40, metric="fid-domain", space=space,
-                  max_concurrent=1, eval_every=10, eval_samples=200)
-    best = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), tune.Search(**kwargs))
+def _tune_cli(args: list[str]) -> tuple[list[str], bool]:
+    """`aigc-ray tune ARGS` in a subprocess: its output lines, and whether it was still running when its first
+    trial report came (the lines come as the search goes, not at its end)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aigc_ray.cli", "tune", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen, running_when_seen = [], None
+    for line in proc.stdout:
+        seen.append(line)
+        if running_when_seen is None and line.startswith("[aigc_ray] trial ") and " step " in line:
+            running_when_seen = proc.poll() is None
+    assert proc.wait(timeout=600) == 0, "".join(seen[-30:])
+    return seen, bool(running_when_seen)
+
+
+def _json_line(lines: list[str]) -> dict:
+    return json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+
+
+def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_resumes(ray_cluster, tmp_path):
+    """`aigc-ray tune` as a user runs it, on the session's cluster (--address)."""
+    (tmp_path / "space.yaml").write_text("optim.lr_g: {grid: [2.0e-3, 1.0e-3, 50.0]}\noptim.lr_d: 2.0e-3\n")
+    args = ["--address", ray_cluster.get_runtime_context().gcs_address, "--dataset", "mnist-5k", "--ngf", "16",
+            "--ndf", "16", "--latent-dim", "16", "--batch-size", "16", "--num-trials", "1", "--max-steps", "40",
+            "--metric", "fid-domain", "--search-space", str(tmp_path / "space.yaml"), "--max-concurrent", "1",
+            "--eval-every", "10", "--eval-samples", "200", "--name", "s", "--storage", str(tmp_path), "--json"]
+    seen, running_when_seen = _tune_cli(args)
+    assert running_when_seen, "".join(seen)  # read before the search ended
+    reports = [s for s in seen if s.startswith("[aigc_ray] trial ") and "fid_domain=" in s and "| best " in s]
+    assert len(reports) >= 3
+    assert not any("Moving model to device" in s or "Started training worker group" in s for s in seen)
+    assert not any("Configuration for experiment" in s or "View detailed results" in s for s in seen)  # Tune's
+    best = _json_line(seen)
     search = tmp_path / "s"
     trials = pd.read_csv(search / "trials.csv")
     per_trial = trials.groupby("trial_id").agg(steps=("step", "max"), best=("fid_domain", "min"))
@@ -46,7 +75,7 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
 
     # best.json names the trial with the lowest reported metric, and its checkpoint samples.
     saved = json.loads((search / "best.json").read_text())
-    assert saved["trial_id"] == per_trial["best"].idxmin()
+    assert saved["trial_id"] == per_trial["best"].idxmin() == best["trial_id"]
     assert saved["value"] == pytest.approx(per_trial["best"].min())
     assert saved["metric"] == "fid_domain" and saved["config"]["optim"]["lr_g"] != 50.0
     g, cfg, meta = load_generator(saved["checkpoint"])
@@ -64,10 +93,9 @@ def test_search_ranks_by_fid_stops_the_absurd_trial_and_resumes(ray_cluster, tin
     assert best["steps_run"] < best["steps_full_grid"] == 3 * 40
 
     # The same name again resumes the finished search instead of starting over.
-    logs = []
-    again = tune.search(tiny(model__ngf=16, model__ndf=16, run__storage=str(tmp_path)), tune.Search(**kwargs),
-                        log=logs.append)
-    assert any("resuming search s" in line for line in logs)
+    seen, _ = _tune_cli(args)
+    assert any("resuming search s" in line for line in seen)
+    again = _json_line(seen)
     assert again["trial_id"] == best["trial_id"] and again["steps_run"] == best["steps_run"]
 
 
@@ -151,7 +179,7 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
     # the others' last reports), so it copies; between members that all learn, the one reporting is the
     # furthest along and seldom behind, and a copy would be left to chance.
     space = {"optim.lr_g": {"choice": [1e-7, 2e-3]}, "optim.lr_d": {"loguniform": [1e-4, 3e-3]}}
-    kwargs = dict(name="p", num_trials=2, max_steps=60, metric="fid-domain", space=space,
+    kwargs = dict(name="p", num_trials=2, max_steps=40, metric="fid-domain", space=space,
                   max_concurrent=2, eval_every=10, eval_samples=200, scheduler="pbt", perturb_every=10, quantile=0.5,
                   seed=1)
     logs = []
@@ -162,7 +190,7 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
     assert set(first) == {1e-7, 2e-3}  # the seed drew both kinds of member
     lineage = pd.read_csv(search / "pbt_lineage.csv")
     assert len(lineage) >= 1 and best["copies"] == len(lineage)
-    assert (lineage["step"] < 60).all()  # never at a final report, where nothing would be left to train
+    assert (lineage["step"] < 40).all()  # never at a final report, where nothing would be left to train
     row = lineage.iloc[0]
     # The copy starts from the donor's checkpoint (G, D, EMA, both Adam states, step) under a run of its own...
     run = tmp_path / row["run"]
@@ -191,25 +219,3 @@ def test_pbt_members_copy_a_better_one_perturb_and_resume(ray_cluster, tiny, tmp
                         log=again_logs.append)
     assert any("resuming search p" in line for line in again_logs)
     assert again["trial_id"] == best["trial_id"] and again["copies"] == best["copies"]
-
-
-def test_the_search_prints_a_line_per_report_while_it_runs(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-m", "aigc_ray.cli", "tune", "--dataset", "mnist-5k", "--ngf", "8",
-                             "--ndf", "8", "--latent-dim", "16", "--batch-size", "16", "--num-trials", "2",
-                             "--max-steps", "20", "--eval-every", "10", "--eval-samples", "100", "--name", "live",
-                             "--storage", str(tmp_path / "runs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, running_when_seen = [], None
-    for line in proc.stdout:
-        seen.append(line)
-        if running_when_seen is None and line.startswith("[aigc_ray] trial ") and " step " in line:
-            running_when_seen = proc.poll() is None
-    assert proc.wait(timeout=600) == 0, "".join(seen[-30:])
-    assert running_when_seen, "".join(seen)  # read before the search ended
-    reports = [s for s in seen if s.startswith("[aigc_ray] trial ") and "fid_domain=" in s and "| best " in s]
-    assert len(reports) >= 2
-    assert not any("Moving model to device" in s or "Started training worker group" in s for s in seen)
-    assert not any("Configuration for experiment" in s or "View detailed results" in s for s in seen)  # Tune's

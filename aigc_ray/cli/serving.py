@@ -148,15 +148,14 @@ def _check_serving(args) -> None:
 
 def cmd_serve(args) -> dict:
     """Serve a checkpoint (or best.json) on a local Ray cluster until Ctrl-C."""
-    from ..serve import build_app, token_sha256
-
     if not (args.checkpoint or args.best):
         raise ConfigError("serve: give --checkpoint PATH or --best best.json")
-    from ..checkpoint import find, read_best
-
-    # Everything that can be wrong fails here, before Ray starts.
+    # Everything that can be wrong fails here, before Ray starts; the flags first, before torch and Serve load.
     key, tls = api_key(args), tls_options(args)
     _check_serving(args)
+    from ..checkpoint import find, read_best
+    from ..serve import build_app, token_sha256
+
     served = _serve_args(checkpoint=args.checkpoint, best=args.best, max_n=args.max_n,
                          token_sha256=token_sha256(key) if key else None)
     where = there(read_best, args.best, args) if args.best else there(find, args.checkpoint, args)

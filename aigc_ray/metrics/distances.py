@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchmetrics.image.kid import poly_mmd
 
 from ..config import ConfigError
 
@@ -70,6 +69,10 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 def kid(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance: unbiased MMD^2 with a cubic polynomial kernel, mean and std over subsets."""
+    # Imported here: torchmetrics pulls in torchvision, torch._dynamo and scipy.signal (~2 s), and every Ray
+    # Train worker and Tune trial imports this module without ever computing KID.
+    from torchmetrics.image.kid import poly_mmd
+
     m = min(subset_size, len(f_real), len(f_fake))
     g = torch.Generator().manual_seed(seed)
     vals = torch.stack([poly_mmd(f_real[torch.randperm(len(f_real), generator=g)[:m]].double(),
