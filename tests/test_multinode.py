@@ -243,11 +243,11 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
     url = getattr(cluster, "service", None)
     assert url, "the pipeline test's service is not up"
     first = _get(f"{url}/sample.png?n=4&seed=1", timeout=30)
-    steps = 600
+    steps = 400
     run_log, search_log = tmp_path / "train.log", tmp_path / "tune.log"
     (tmp_path / "space.yaml").write_text("optim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}\n")  # TINY's nets
     one_cpu = ["--cpus-per-worker", "1"]  # 2 workers + 2 trials + the replica: the node's 5 CPUs
-    search = cluster.cli_bg("tune", *TINY, *one_cpu, "--num-trials", "2", "--max-steps", "300", "--eval-every",
+    search = cluster.cli_bg("tune", *TINY, *one_cpu, "--num-trials", "2", "--max-steps", "150", "--eval-every",
                             "25", "--eval-samples", "64", "--max-concurrent", "2", "--search-space",
                             str(tmp_path / "space.yaml"), "--storage", "s3://aigc/runs", "--name", "search", "--json",
                             log=search_log)
