@@ -1,6 +1,7 @@
 """Quality against privacy on Fashion-MNIST: the default recipe at epsilon = inf, 10 and 1 (delta 1e-5).
 
     python bench/privacy.py --steps 2000 --epsilons inf 10 1 --fid-samples 2000 --ref-images 2000
+    python bench/privacy.py --steps 200 --epsilons 10 --set loss.n_critic=10   # 10 D steps per G step
 
 Every run trains in this process (no Ray, the same torch threads) for the same G steps. With a finite
 epsilon, D trains with DP-SGD (Opacus; Poisson batches, per-image clipping at C=1, the sigma that spends
@@ -19,6 +20,7 @@ import math
 import time
 
 import torch
+import yaml
 
 from aigc_ray import audit, data, metrics, privacy
 from aigc_ray.config import Config, DataConfig, replace
@@ -35,7 +37,15 @@ def main() -> None:
     p.add_argument("--ref-images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (a YAML value), e.g. --set loss.n_critic=10; repeatable")
     args = p.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item}: give KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     torch.set_num_threads(args.threads)
     dcfg = DataConfig(dataset="fashion-mnist")
     ds = data.load(dcfg)
@@ -46,7 +56,7 @@ def main() -> None:
     rows = []
     for e in args.epsilons:
         eps = float(e)
-        over = {"data.dataset": "fashion-mnist", "train.seed": args.seed, "train.steps": args.steps}
+        over = {"data.dataset": "fashion-mnist", "train.seed": args.seed, "train.steps": args.steps, **overrides}
         if math.isfinite(eps):
             over.update({"privacy.epsilon": eps, "privacy.delta": args.delta})
         cfg = resolve(replace(Config(), over), channels=1, num_classes=10, size=len(ds))
@@ -69,8 +79,8 @@ def main() -> None:
         rate, _ = audit.copy_rate(d_samples, d_held)
         row = {"epsilon": e, "delta": args.delta if math.isfinite(eps) else None,
                "sigma": cfg.privacy.noise_multiplier, "spent": state.private.epsilon() if state.private else None,
-               "steps": args.steps, "train_s": round(secs, 1), "images_per_s": round(
-                   args.steps * cfg.train.batch_size / secs, 1),
+               "steps": args.steps, "n_critic": cfg.loss.n_critic, "set": overrides, "train_s": round(secs, 1),
+               "d_images_per_s": round(args.steps * cfg.loss.n_critic * cfg.train.batch_size / secs, 1),
                "fid": round(metrics.fid_from_stats(metrics.FeatureStats(f.shape[1]).add(f), ref["stats"]), 2),
                "precision": round(prec, 3), "recall": round(rec, 3), "copy_rate": round(rate, 4)}
         rows.append(row)
