@@ -203,8 +203,8 @@ def _domain_cached(cfg: DataConfig, device: str) -> Domain:
 
 
 def domain(cfg: DataConfig, device="cpu") -> Domain:
-    """The dataset's domain classifier: from the cache, else the one aigc_ray ships (Fashion-MNIST and mnist-5k at 32 px),
-    else trained once (~1-3 min on 2 CPUs) and cached.
+    """The dataset's domain classifier: from the cache, else the one aigc_ray ships (Fashion-MNIST and mnist-5k
+    at 32 px), else trained once (~1-3 min on 2 CPUs) and cached.
 
     The cache is the storage's (data.cache) when that is remote: every node and every later command
     then scores with the same classifier, never one a node trained for itself. The shipped one makes
