@@ -76,3 +76,29 @@ def chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
         "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
         "--disable-background-networking", "--disable-component-update"])
+
+
+def _busy_cpu_s() -> float:
+    """The machine's busy CPU seconds so far (every process: Ray's daemons and workers too), from /proc/stat."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """AIGC_RAY_CPU_PROFILE=FILE: each test's wall and machine-wide CPU seconds (setup to teardown), written
+    to FILE, costliest first. The suite is CPU-bound on 2 cores; this says where the CPU goes."""
+    out = os.environ.get("AIGC_RAY_CPU_PROFILE")
+    if not out:
+        yield
+        return
+    import time
+
+    t, c = time.monotonic(), _busy_cpu_s()
+    yield
+    _CPU_ROWS.append((_busy_cpu_s() - c, time.monotonic() - t, item.nodeid))
+    with open(out, "w") as f:
+        f.writelines(f"{cpu:8.1f} {wall:8.1f}  {name}\n" for cpu, wall, name in sorted(_CPU_ROWS, reverse=True))
+
+
+_CPU_ROWS: list = []

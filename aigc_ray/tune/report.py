@@ -20,10 +20,14 @@ from .pbt import lineage
 def Progress(metric_key: str, log=print):
     """The driver's live view of a search (a ray.tune.Callback): one line per trial report with the best so
     far, PBT's copies, failed trials. Tune pickles its callbacks with the search's state, so the class holds
-    no closure and drops `log` when pickled (a restored search prints)."""
+    no closure and drops `log` when pickled (a restored search prints).
+
+    It also keeps every report (`reports`) for trials.csv: Tune's own per-trial record can lose a PBT
+    member's reports from before a copy (the restarted member's driver-side result.json is replaced by the
+    storage copy, which is only synced now and then)."""
     class _Progress(tune.Callback):
         def __init__(self, metric_key: str, log):
-            self.metric_key, self._log, self.best, self.runs = metric_key, log, None, {}
+            self.metric_key, self._log, self.best, self.runs, self.reports = metric_key, log, None, {}, []
 
         def __getstate__(self):
             return {**self.__dict__, "_log": None}
@@ -34,6 +38,8 @@ def Progress(metric_key: str, log=print):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             tid, step, value = trial.trial_id, result.get("step"), result.get(self.metric_key)
             run = result.get("run")
+            self.reports.append({"trial_id": tid, **{k: v for k, v in result.items()
+                                                     if isinstance(v, (int, float, str, bool))}})
             if run and self.runs.get(tid) not in (None, run) and run != f"train-{tid}":
                 self._say(f"[aigc_ray] trial {tid} copied a better member at step {step}: "
                           f"lr_g={result.get('lr_g'):.3g} lr_d={result.get('lr_d'):.3g} (run {run})")
@@ -52,14 +58,17 @@ def Progress(metric_key: str, log=print):
     return _Progress(metric_key, log)
 
 
-def report(grid, search_dir: str, metric_key: str, max_steps: int, log, scheduler: str = "asha") -> dict[str, Any]:
-    """trials.csv, the FID plot, the table and best.json from a finished (or resumed) search."""
+def report(grid, search_dir: str, metric_key: str, max_steps: int, log, scheduler: str = "asha",
+           reports: list[dict] = ()) -> dict[str, Any]:
+    """trials.csv, the FID plot, the table and best.json from a finished (or resumed) search. reports: what
+    the Progress callback saw; with the trials.csv of an earlier pass and Tune's record, every report."""
     frames, rows = [], []
+    known = _every_report(grid, search_dir, reports)
     for r in grid:
-        if r.metrics_dataframe is None or r.metrics_dataframe.empty:
-            continue
         trial_id = r.metrics.get("trial_id") or storage_mod.name(r.path)
-        df = r.metrics_dataframe.assign(trial_id=trial_id)
+        df = known.get(trial_id)
+        if df is None or df.empty:
+            continue
         frames.append(df)
         space = r.config.get("space", {})
         scored = df.dropna(subset=[metric_key]) if metric_key in df else df.iloc[0:0]
@@ -98,6 +107,25 @@ def report(grid, search_dir: str, metric_key: str, max_steps: int, log, schedule
     best["worst_value"] = max(r[f"best_{metric_key}"] for r in ranked)
     best["trials"] = len(rows)
     return best
+
+
+def _every_report(grid, search_dir: str, reports: list[dict]) -> dict[str, pd.DataFrame]:
+    """Each trial's reports in step order, one row per (trial, run, step): Tune's record, the earlier
+    trials.csv (a resumed search) and the reports the Progress callback saw, which may hold rows Tune lost."""
+    parts = [pd.DataFrame(list(reports))]
+    earlier = storage_mod.join(search_dir, "trials.csv")
+    if storage_mod.exists(earlier):
+        parts.append(pd.read_csv(io.StringIO(storage_mod.read_text(earlier))))
+    for r in grid:
+        if r.metrics_dataframe is not None and not r.metrics_dataframe.empty:
+            parts.append(r.metrics_dataframe.assign(trial_id=r.metrics.get("trial_id") or storage_mod.name(r.path)))
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return {}
+    every = pd.concat(parts, ignore_index=True)
+    every = every.drop_duplicates(subset=[c for c in ("trial_id", "run", "step") if c in every], keep="last")
+    return {tid: df.sort_values("step", kind="stable").reset_index(drop=True)
+            for tid, df in every.groupby("trial_id", sort=False)}
 
 
 def _search_privacy(rows: list[dict], win: dict, metric_key: str) -> dict[str, Any] | None:

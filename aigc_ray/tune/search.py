@@ -87,10 +87,11 @@ def search(base: Config, spec: Search, *, verbose: bool = False, log=print) -> d
     base, concurrent = _fit_trials(base, spec)
     log(f"[aigc_ray] {concurrent} trial{'s' * (concurrent > 1)} at a time, each {plan.layout(base)}")
     search_dir = storage_mod.join(base.run.storage, spec.name)  # normalized where it entered (_trial_base)
-    tuner = _tuner(base, spec, search_dir, concurrent, log)
+    progress = Progress(METRIC_KEYS[spec.metric], log)
+    tuner = _tuner(base, spec, search_dir, concurrent, progress, log)
     with _tune_output(verbose):
         grid = tuner.fit()
-    return report(grid, search_dir, METRIC_KEYS[spec.metric], spec.max_steps, log, spec.scheduler)
+    return report(grid, search_dir, METRIC_KEYS[spec.metric], spec.max_steps, log, spec.scheduler, progress.reports)
 
 
 def _trial_base(base: Config, spec: Search) -> Config:
@@ -124,7 +125,7 @@ def _fit_trials(base: Config, spec: Search) -> tuple[Config, int]:
     return replace(base, {"train.cpus_per_worker": cpus}), concurrent
 
 
-def _tuner(base: Config, spec: Search, search_dir: str, concurrent: int, log) -> tune.Tuner:
+def _tuner(base: Config, spec: Search, search_dir: str, concurrent: int, progress, log) -> tune.Tuner:
     """The search's Tuner: restored from its folder when it ran before (finished trials stay finished), else
     new. The images and the scoring reference are made once here and shared by every trial through the
     object store; the trial's Train workers hold the real CPUs."""
@@ -154,7 +155,7 @@ def _tuner(base: Config, spec: Search, search_dir: str, concurrent: int, log) ->
             scheduler=make_scheduler(spec.scheduler, spec.raw_space, param_space, spec.max_steps, spec.grace_steps,
                                      spec.perturb_every, spec.quantile)),
         # A trial whose node dies starts again elsewhere, resuming its Train run from storage.
-        run_config=tune.RunConfig(name=spec.name, **where, verbose=0, callbacks=[Progress(metric_key, log)],
+        run_config=tune.RunConfig(name=spec.name, **where, verbose=0, callbacks=[progress],
                                   failure_config=tune.FailureConfig(max_failures=2)),
     )
 
