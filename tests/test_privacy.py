@@ -24,20 +24,45 @@ def _resolved(cfg):
     return resolve(validate(cfg), channels=1, num_classes=10, size=N)
 
 
-def test_epsilon_after_k_steps_is_opacus_accountant_for_the_same_sigma_q_k(tiny):
+@pytest.mark.parametrize("n_critic,physical", [(1, 512), (3, 16)])
+def test_epsilon_after_k_steps_is_opacus_accountant_for_the_same_sigma_q_k(tiny, n_critic, physical):
+    """Also with several D steps per G step, and a Poisson batch of ~32 taken in pieces of 16 images (8 real,
+    8 fake): each logical batch is one step of Adam (so one noise draw) and one of the accountant."""
     from opacus.accountants import RDPAccountant
 
-    cfg = _resolved(tiny(privacy__noise_multiplier=0.8, train__batch_size=32))
+    cfg = _resolved(tiny(privacy__noise_multiplier=0.8, train__batch_size=32, loss__n_critic=n_critic,
+                         privacy__max_physical_batch=physical))
     state = build_state(cfg, size=N)
     batches = privacy.PoissonBatches(data.load(DataConfig(dataset="mnist-5k")), state.private.q, seed=0)
-    for _ in range(12):
+    g_steps = 12 // n_critic
+    for _ in range(g_steps):
         train_step(state, batches, cfg)
     acc = RDPAccountant()
     for _ in range(12):
         acc.step(noise_multiplier=0.8, sample_rate=32 / N)
     want = acc.get_epsilon(1e-5)
-    assert state.private.q == pytest.approx(32 / N)
+    assert state.private.q == pytest.approx(32 / N) and state.private.history == [(0.8, 32 / N, 12)]
     assert state.private.epsilon() == pytest.approx(want, rel=0.01) and want > 0
+    assert all(s["step"] == 12 for s in state.opt_d.original_optimizer.state.values())
+    assert all(s["step"] == g_steps for s in state.opt_g.state.values())
+
+
+def test_a_batch_in_pieces_clips_each_image_and_sums_them_as_one_piece_does(tiny):
+    """The clipped per-image gradients of a 40-image batch taken in pieces of 8 (4 real + 4 fake) sum to
+    those of the batch taken whole: the split changes memory, never the mechanism."""
+    images = data.load(DataConfig(dataset="mnist-5k"))
+    real = images.batch(torch.arange(40), "cpu")
+    grads = []
+    for physical in (512, 8):
+        cfg = _resolved(tiny(privacy__noise_multiplier=1e-6, train__batch_size=40, privacy__max_grad_norm=0.01,
+                             privacy__max_physical_batch=physical))
+        state = build_state(cfg, size=N)
+        torch.manual_seed(0)
+        train_step(state, lambda: real, cfg)
+        grads.append([p.grad.clone() for p in state.opt_d.params])
+    for whole, pieces in zip(*grads):
+        assert torch.allclose(whole, pieces, rtol=1e-4, atol=1e-8)
+    assert any(g.abs().max() > 1e-6 for g in grads[0])  # the gradients are not all zero
 
 
 def test_epsilon_alone_solves_sigma_that_spends_it_and_sigma_with_epsilon_stops_before_it(tiny):

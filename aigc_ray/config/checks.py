@@ -115,6 +115,9 @@ def _check_privacy(cfg: Config) -> None:
         raise ConfigError(f"privacy.max_grad_norm: must be > 0, got {p.max_grad_norm!r}")
     if not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta: must be in (0, 1), got {p.delta!r}")
+    if not p.max_physical_batch >= 2:
+        raise ConfigError(f"privacy.max_physical_batch: must be >= 2 (a real and a fake image), "
+                          f"got {p.max_physical_batch!r}")
     if lo.name == "wgan-gp" or lo.r1_weight:
         raise ConfigError("privacy: DP-SGD needs per-example gradients, which a gradient penalty (wgan-gp, R1) "
                           "cannot give; use --loss bce|hinge|lsgan and --r1-weight 0")

@@ -130,6 +130,10 @@ class PrivacyConfig:
                                       "with a noise multiplier, training stops before it is passed",
                                 flag="--dp-epsilon")
     delta: float = opt(1e-5, "DP: the delta of (epsilon, delta); must be < 1 / training images", flag="--dp-delta")
+    max_physical_batch: int = opt(512, "DP: the most images (real and fake) D takes in one forward and backward; a "
+                                       "larger Poisson batch is split, its pieces' clipped gradients summed before "
+                                       "the one noisy step (Opacus' BatchMemoryManager), so memory stays bounded",
+                                  flag="--dp-max-physical-batch")
 
     @property
     def enabled(self) -> bool:

@@ -124,12 +124,12 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
         with amp, torch.set_grad_enabled(last):  # the last fakes keep their graph for G's update
             fake = g(z, y_fake)
         real = aug(real)
-        with amp:
-            if private:
-                loss_d, d_stats = per_example_d(d, real, aug(fake.detach()), y, y_fake, cfg.loss)
-            else:
-                loss_d, d_stats = d_loss_fn(d, real, aug(fake.detach()), y, cfg.loss)
         state.d_steps += 1
+        if private:
+            loss_d, d_stats = _private_d_step(state, real, aug(fake.detach()), y, y_fake, cfg, amp)
+            continue
+        with amp:
+            loss_d, d_stats = d_loss_fn(d, real, aug(fake.detach()), y, cfg.loss)
         if cfg.loss.r1_weight and state.d_steps % R1_EVERY == 0:
             r1 = r1_penalty(d, real, y)
             loss_d = loss_d + cfg.loss.r1_weight / 2 * R1_EVERY * r1
@@ -138,9 +138,6 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
         state.scaler_d.scale(loss_d).backward()
         state.scaler_d.step(state.opt_d)
         state.scaler_d.update()
-        if private:
-            private.step()
-            loss_d = loss_d / (real.shape[0] + n_fake)  # logged as a mean, like the other losses
 
     # Update G: minimise its loss through D. D is called unwrapped and frozen, so no D gradients
     # are computed or all-reduced; G's DDP wrapper still averages G's gradients across workers.
@@ -172,6 +169,30 @@ def train_step(state: TrainState, next_batch: Callable[[], tuple], cfg: Config) 
         for k in PRIVATE_STATS:
             stats.pop(k, None)
     return stats
+
+
+def _private_d_step(state: TrainState, real: torch.Tensor, fake: torch.Tensor, y, y_fake, cfg: Config, amp):
+    """One DP-SGD step of D on a Poisson batch and as many fakes, in pieces of at most
+    privacy.max_physical_batch images: each piece's per-image gradients are clipped and summed (Opacus'
+    signal_skip_step, as its BatchMemoryManager does), and the last piece adds the noise once and steps. So a
+    logical batch of any size is one step of the accountant, with memory bounded by the piece."""
+    per = max(1, cfg.privacy.max_physical_batch // 2)
+    pieces = max(1, -(-max(real.shape[0], fake.shape[0]) // per))
+    total, stats = 0.0, {}
+    for k in range(pieces):
+        part = slice(k * per, (k + 1) * per)
+        with amp:
+            loss, stats = per_example_d(state.d, real[part], fake[part], None if y is None else y[part],
+                                        None if y_fake is None else y_fake[part], cfg.loss)
+        state.opt_d.zero_grad(set_to_none=True)  # keeps the pieces' clipped sums while steps are skipped
+        state.scaler_d.scale(loss).backward()
+        if k < pieces - 1:
+            state.opt_d.signal_skip_step(do_skip=True)
+        state.scaler_d.step(state.opt_d)
+        state.scaler_d.update()
+        total += float(loss.detach())
+    state.private.step()
+    return torch.tensor(total / (real.shape[0] + fake.shape[0])), stats  # a mean, like the other losses
 
 
 def _adapt(state: TrainState, r_t: torch.Tensor, batch: int) -> None:
