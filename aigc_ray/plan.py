@@ -34,6 +34,8 @@ def resolve(cfg: Config, *, channels: int, num_classes: int, use_gpu: bool = Fal
         "model.num_classes": (m.num_classes or num_classes) if conditional else 0,
         "model.class_names": (m.class_names or tuple(class_names or ())) if conditional else (),
         "loss.n_critic": lo.n_critic or (5 if lo.name == "wgan-gp" else 1),
+        "train.batch_size": t.batch_size or 64,
+        "model.ndf": m.ndf or 64,
         "train.amp": t.amp if t.amp != "auto" else ("bf16" if use_gpu else "none"),
         "augment.policy": cfg.augment.policy if cfg.augment.policy != "auto" else (
             "translation,cutout" if 0 < size < cfg.augment.below else "none"),

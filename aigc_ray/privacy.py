@@ -31,12 +31,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import Config, ConfigError, same_images
+from .config import Config, ConfigError, replace, same_images
 
 # What every privacy statement carries: the mechanism and the accountant behind the epsilon, and what it covers.
 ACCOUNTANT = "rdp"
 COVERS = ("covering this run's use of its training images (D's DP-SGD steps; G, samples, scores on public "
           "data and the served model are post-processing), not a choice among several trials")
+
+
+# The private recipe: what a DP run gets for each of these left at 0 (auto). Measured on Fashion-MNIST at
+# epsilon 10 (docs/BENCHMARKS.md, "Quality against privacy"): only D sees private data, so D takes several
+# steps per G step; a narrow D has fewer weights for the same noise std (the noise's norm grows with the
+# square root of their number) and makes per-image gradients ~9x cheaper than D width 64; a larger expected
+# batch divides the noise among more images.
+RECIPE = {"loss.n_critic": 5, "train.batch_size": 128, "model.ndf": 16}
+
+
+def recipe(cfg: Config) -> dict[str, Any]:
+    """The private recipe's values for the settings this config leaves to auto (0); {} without DP."""
+    if not cfg.privacy.enabled:
+        return {}
+    sections = {"loss": cfg.loss, "train": cfg.train, "model": cfg.model}
+    return {k: v for k, v in RECIPE.items() if not getattr(sections[k.split(".")[0]], k.split(".")[1])}
 
 
 def sample_rate(cfg: Config, size: int) -> float:
@@ -136,11 +152,13 @@ def resolved(cfg: Config, size: int, spent: list | None = None) -> dict[str, Any
     check_size(cfg, size)
     if not cfg.privacy.enabled:
         return {}
+    chosen = recipe(cfg)
+    cfg = replace(cfg, chosen)
     p = cfg.privacy
     q = sample_rate(cfg, size)
     n_critic = max(1, cfg.loss.n_critic)
     done = spent_steps(spent)
-    out: dict[str, Any] = {"model.spectral_norm": False,
+    out: dict[str, Any] = {**chosen, "model.spectral_norm": False,
                            "model.d_norm": "layer" if cfg.model.d_norm == "auto" else cfg.model.d_norm}
     if p.noise_multiplier is None:  # epsilon alone: the sigma that spends what is left in the remaining steps
         remaining = d_steps(cfg) - done
@@ -169,8 +187,9 @@ def describe(cfg: Config, size: int, spent: list | None = None) -> str:
     eps = _rdp_epsilon(history, p.delta)
     before = f" ({done} of them done before, at epsilon={_rdp_epsilon(spent, p.delta):.2f})" if done else ""
     return (f"[aigc_ray] DP-SGD on D (Opacus): sigma={p.noise_multiplier:.3f}, C={p.max_grad_norm:g}, "
-            f"Poisson q={q:.4g}, {d_steps(cfg)} D steps{before} -> epsilon={eps:.2f} at delta={p.delta:g}, "
-            f"{COVERS}; D with {cfg.model.d_norm} norm and no spectral norm (per-example gradients)")
+            f"Poisson q={q:.4g} (expected batch {cfg.train.batch_size} per worker), {cfg.loss.n_critic} D steps "
+            f"per G step, {d_steps(cfg)} D steps{before} -> epsilon={eps:.2f} at delta={p.delta:g}, {COVERS}; "
+            f"D {cfg.model.ndf} wide with {cfg.model.d_norm} norm and no spectral norm (per-example gradients)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # As init_ray does for the commands: Ray Train gives a worker group 60 s to start, and on a busy 2-CPU machine
 # importing torch in fresh worker processes can take longer.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# As init_ray does for a cluster of our own: no PreemptionWatcher process per Train worker group.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("AIGC_RAY_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
 
 

@@ -54,7 +54,8 @@ def test_a_batch_in_pieces_clips_each_image_and_sums_them_as_one_piece_does(tiny
     real = images.batch(torch.arange(40), "cpu")
     grads = []
     for physical in (512, 8):
-        cfg = _resolved(tiny(privacy__noise_multiplier=1e-6, train__batch_size=40, privacy__max_grad_norm=0.01,
+        cfg = _resolved(tiny(loss__n_critic=1, privacy__noise_multiplier=1e-6, train__batch_size=40,
+                             privacy__max_grad_norm=0.01,
                              privacy__max_physical_batch=physical))
         state = build_state(cfg, size=N)
         torch.manual_seed(0)
@@ -66,22 +67,32 @@ def test_a_batch_in_pieces_clips_each_image_and_sums_them_as_one_piece_does(tiny
 
 
 def test_epsilon_alone_solves_sigma_that_spends_it_and_sigma_with_epsilon_stops_before_it(tiny):
-    solved = _resolved(tiny(privacy__epsilon=5.0, train__steps=300, train__batch_size=32))
+    solved = _resolved(tiny(loss__n_critic=1, privacy__epsilon=5.0, train__steps=300, train__batch_size=32))
     sigma = solved.privacy.noise_multiplier
     assert sigma > 0 and privacy.epsilon_after(sigma, 32 / N, 300, 1e-5) <= 5.0
     assert privacy.epsilon_after(sigma * 0.95, 32 / N, 300, 1e-5) > 5.0 * 0.99  # not a needlessly large sigma
-    capped = _resolved(tiny(privacy__noise_multiplier=1.0, privacy__epsilon=1.5, train__steps=100000,
+    capped = _resolved(tiny(loss__n_critic=1, privacy__noise_multiplier=1.0, privacy__epsilon=1.5, train__steps=100000,
                             train__batch_size=32))
     k = capped.train.steps
     assert 1 <= k < 100000
     assert privacy.epsilon_after(1.0, 32 / N, k, 1e-5) <= 1.5 < privacy.epsilon_after(1.0, 32 / N, k + 1, 1e-5)
 
 
-def test_dp_picks_a_per_example_d_and_says_so(tiny):
-    cfg = _resolved(tiny(privacy__noise_multiplier=1.0))
+def test_dp_picks_a_per_example_d_and_the_private_recipe_and_says_so(tiny):
+    cfg = _resolved(tiny(privacy__noise_multiplier=1.0, train__batch_size=0, model__ndf=0))
     assert cfg.model.d_norm == "layer" and cfg.model.spectral_norm is False
+    n_critic, batch, ndf = (privacy.RECIPE[k] for k in ("loss.n_critic", "train.batch_size", "model.ndf"))
+    assert (cfg.loss.n_critic, cfg.train.batch_size, cfg.model.ndf) == (n_critic, batch, ndf)
+    assert cfg.privacy.noise_multiplier == 1.0 and privacy.sample_rate(cfg, N) == batch / N
     line = privacy.describe(cfg, N)
     assert "sigma=1.000" in line and "layer norm and no spectral norm" in line and "epsilon=" in line
+    assert f"expected batch {batch} per worker" in line and f"{n_critic} D steps per G step" in line
+    assert f"D {ndf} wide" in line
+    # What the user sets is kept; without DP the usual defaults apply.
+    mine = _resolved(tiny(privacy__epsilon=3.0, loss__n_critic=2, train__batch_size=32, model__ndf=8))
+    assert (mine.loss.n_critic, mine.train.batch_size, mine.model.ndf) == (2, 32, 8)
+    plain = _resolved(tiny(train__batch_size=0, model__ndf=0))
+    assert (plain.loss.n_critic, plain.train.batch_size, plain.model.ndf) == (1, 64, 64)
 
 
 def _noise_worker(rank, world, port, out):
@@ -122,9 +133,10 @@ def test_two_workers_add_the_noise_once_per_global_step(tmp_path):
 
 
 def test_resume_continues_epsilon(tiny):
-    first = train.fit(tiny(privacy__noise_multiplier=1.0, train__steps=4, run__name="dp"), quiet=True)
+    first = train.fit(tiny(loss__n_critic=1, privacy__noise_multiplier=1.0, train__steps=4, run__name="dp"), quiet=True)
     eps4 = ckpt.read_meta(first["checkpoint"])["privacy"]["epsilon"]
-    second = train.fit(tiny(privacy__noise_multiplier=1.0, train__steps=8, run__name="dp"), quiet=True)
+    second = train.fit(tiny(loss__n_critic=1, privacy__noise_multiplier=1.0, train__steps=8, run__name="dp"),
+                       quiet=True)
     meta = ckpt.read_meta(second["checkpoint"])
     assert meta["privacy"]["d_steps"] == 8 and meta["metrics"]["epsilon"] > eps4
     assert meta["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_after(1.0, 16 / N, 8, 1e-5), rel=1e-3)
@@ -158,7 +170,8 @@ def test_a_batchnorm_d_is_refused_in_code_too(tiny):
 
 
 def test_a_two_worker_ray_train_dp_run_accounts_for_the_global_batch(ray_cluster, tiny):
-    out = train.fit(tiny(privacy__noise_multiplier=1.0, train__num_workers=2, train__cpus_per_worker=1,
+    out = train.fit(tiny(loss__n_critic=1, privacy__noise_multiplier=1.0, train__num_workers=2,
+                         train__cpus_per_worker=1,
                          train__steps=4, run__name="dp2"), quiet=True)
     meta = ckpt.read_meta(out["checkpoint"])
     assert meta["privacy"]["sample_rate"] == pytest.approx(2 * 16 / N)  # q of the global batch, not a worker's
@@ -218,15 +231,16 @@ def test_dp_flags_on_a_run_trained_without_dp_are_refused_and_the_reverse(tiny, 
 
 
 def test_an_epsilon_target_resume_spends_only_what_is_left_and_refuses_when_nothing_is(tiny):
-    first = train.fit(tiny(privacy__epsilon=2.0, train__steps=4, run__name="eps"), quiet=True)
+    first = train.fit(tiny(loss__n_critic=1, privacy__epsilon=2.0, train__steps=4, run__name="eps"), quiet=True)
     sigma1 = ckpt.read_meta(first["checkpoint"])["privacy"]["noise_multiplier"]
-    second = train.fit(tiny(privacy__epsilon=2.0, train__steps=40, run__name="eps"), quiet=True)
+    second = train.fit(tiny(loss__n_critic=1, privacy__epsilon=2.0, train__steps=40, run__name="eps"), quiet=True)
     p = ckpt.read_meta(second["checkpoint"])["privacy"]
     assert p["d_steps"] == 40 and p["epsilon"] <= 2.0 + 1e-9
     assert p["epsilon"] > 2.0 - 0.05  # the budget is used, not wasted
     assert [h[2] for h in p["history"]] == [4, 36] and p["history"][1][0] > sigma1  # more steps, more noise
     with pytest.raises(ConfigError, match="already spent epsilon="):
-        train.check_inputs(tiny(privacy__epsilon=p["epsilon"] * 0.5, train__steps=80, run__name="eps"))
+        train.check_inputs(tiny(loss__n_critic=1, privacy__epsilon=p["epsilon"] * 0.5, train__steps=80,
+                                run__name="eps"))
 
 
 def test_a_dp_run_is_scored_only_on_data_outside_its_private_set(tiny):

@@ -65,6 +65,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
         # Ray Train gives a worker group 60 s to start; on a busy machine importing torch in a fresh worker
         # process takes longer, and the run would fail for it.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        # Ray Train starts a PreemptionWatcher actor (a process, ~2 s of CPU) with every worker group to log node
+        # drains of preemptible cloud machines; a cluster of our own has none, and our loop acts on none.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING", log_to_driver=log_to_driver)
 
 

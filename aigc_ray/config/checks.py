@@ -34,7 +34,7 @@ def validate(cfg: Config) -> Config:
     _check(d.image_size in IMAGE_SIZES, "data.image_size", f"must be one of {IMAGE_SIZES}", d.image_size)
     _check(d.channels in (0, 1, 3), "data.channels", "must be 0 (dataset's own), 1 or 3", d.channels)
     _check(m.latent_dim > 0, "model.latent_dim", "must be > 0", m.latent_dim)
-    _check(m.ngf > 0 and m.ndf > 0, "model.ngf/ndf", "must be > 0", (m.ngf, m.ndf))
+    _check(m.ngf > 0 and m.ndf >= 0, "model.ngf/ndf", "must be > 0 (ndf 0: auto)", (m.ngf, m.ndf))
     _check(m.d_norm in D_NORMS, "model.d_norm", f"must be one of {D_NORMS}", m.d_norm)
     _check(m.num_classes >= 0, "model.num_classes", "must be >= 0", m.num_classes)
     _check(m.arch in ARCHS, "model.arch", f"must be one of {ARCHS}", m.arch)
@@ -59,7 +59,7 @@ def validate(cfg: Config) -> Config:
     for key in ("beta1", "beta2"):
         _check(0 <= getattr(o, key) < 1, f"optim.{key}", "must be in [0, 1)", getattr(o, key))
     _check(t.steps > 0, "train.steps", "must be > 0", t.steps)
-    _check(t.batch_size > 0, "train.batch_size", "must be > 0", t.batch_size)
+    _check(t.batch_size >= 0, "train.batch_size", "must be > 0 (0: auto)", t.batch_size)
     _check(t.num_workers >= -1, "train.num_workers", "must be >= 0, or -1 (auto)", t.num_workers)
     _check(t.amp in AMP_MODES, "train.amp", f"must be one of {AMP_MODES}", t.amp)
     _check(t.cpus_per_worker >= 0, "train.cpus_per_worker", "must be >= 1, or 0 (auto)", t.cpus_per_worker)

@@ -54,7 +54,8 @@ class ModelConfig:
     arch: str = opt("dcgan", "dcgan (transposed convolutions) | resnet (SNGAN-style residual blocks)")
     latent_dim: int = opt(128, "size of the noise vector z fed to G")
     ngf: int = opt(64, "G width: channels of G's last hidden layer (doubling towards the 4x4 start)")
-    ndf: int = opt(64, "D width: channels of D's first layer (doubling towards the 4x4 end)")
+    ndf: int = opt(0, "D width: channels of D's first layer (doubling towards the 4x4 end); 0: 64, or the private "
+                      "recipe's under DP")
     d_norm: str = opt("auto", "D normalisation: batch | layer | none; auto: none with wgan-gp, resnet or "
                               "spectral_norm, else batch")
     spectral_norm: bool = opt(True, "spectral normalisation on every D layer (and then no BatchNorm in D)")
@@ -70,7 +71,7 @@ class ModelConfig:
 class LossConfig:
     name: str = opt("bce", "bce (non-saturating DCGAN) | wgan-gp | hinge | lsgan", flag="--loss")
     gp_weight: float = opt(10.0, "lambda of the WGAN-GP gradient penalty")
-    n_critic: int = opt(0, "D updates per G update; 0: 5 for wgan-gp, 1 otherwise")
+    n_critic: int = opt(0, "D updates per G update; 0: 5 for wgan-gp, the private recipe's under DP, 1 otherwise")
     r1_weight: float = opt(0.0, "gamma of the R1 penalty gamma/2 E||grad D(real)||^2 (lazy: every 16 D steps); 0: off")
 
 
@@ -99,7 +100,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = opt(2000, "G updates to train for (the run's total, also when resuming)")
-    batch_size: int = opt(64, "images per worker per D update; the global batch is batch_size x num_workers")
+    batch_size: int = opt(0, "images per worker per D update (under DP: expected, Poisson); the global batch is "
+                             "batch_size x num_workers; 0: 64, or the private recipe's under DP")
     num_workers: int = opt(-1, "Ray Train workers (data-parallel DDP); -1: auto (one per GPU, else one per "
                                "node); 0: run in this process, no workers")
     use_gpu: bool | None = opt(None, "train on GPUs; None: when the cluster has them", flag="--use-gpu")
