@@ -44,7 +44,7 @@ COVERS = ("covering this run's use of its training images (D's DP-SGD steps; G, 
 # steps per G step; a narrow D has fewer weights for the same noise std (the noise's norm grows with the
 # square root of their number) and makes per-image gradients ~9x cheaper than D width 64; a larger expected
 # batch divides the noise among more images.
-RECIPE = {"loss.n_critic": 5, "train.batch_size": 128, "model.ndf": 16}
+RECIPE = {"loss.n_critic": 10, "train.batch_size": 128, "model.ndf": 16}
 
 
 def recipe(cfg: Config) -> dict[str, Any]:
