@@ -51,8 +51,7 @@ def recipe(cfg: Config) -> dict[str, Any]:
     """The private recipe's values for the settings this config leaves to auto (0); {} without DP."""
     if not cfg.privacy.enabled:
         return {}
-    sections = {"loss": cfg.loss, "train": cfg.train, "model": cfg.model}
-    return {k: v for k, v in RECIPE.items() if not getattr(sections[k.split(".")[0]], k.split(".")[1])}
+    return {key: v for key, v in RECIPE.items() if not getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])}
 
 
 def sample_rate(cfg: Config, size: int) -> float:

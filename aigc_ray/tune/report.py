@@ -65,7 +65,7 @@ def report(grid, search_dir: str, metric_key: str, max_steps: int, log, schedule
     frames, rows = [], []
     known = _every_report(grid, search_dir, reports)
     for r in grid:
-        trial_id = r.metrics.get("trial_id") or storage_mod.name(r.path)
+        trial_id = _trial_id(r)
         df = known.get(trial_id)
         if df is None or df.empty:
             continue
@@ -109,6 +109,10 @@ def report(grid, search_dir: str, metric_key: str, max_steps: int, log, schedule
     return best
 
 
+def _trial_id(result) -> str:
+    return result.metrics.get("trial_id") or storage_mod.name(result.path)
+
+
 def _every_report(grid, search_dir: str, reports: list[dict]) -> dict[str, pd.DataFrame]:
     """Each trial's reports in step order, one row per (trial, run, step): Tune's record, the earlier
     trials.csv (a resumed search) and the reports the Progress callback saw, which may hold rows Tune lost."""
@@ -118,7 +122,7 @@ def _every_report(grid, search_dir: str, reports: list[dict]) -> dict[str, pd.Da
         parts.append(pd.read_csv(io.StringIO(storage_mod.read_text(earlier))))
     for r in grid:
         if r.metrics_dataframe is not None and not r.metrics_dataframe.empty:
-            parts.append(r.metrics_dataframe.assign(trial_id=r.metrics.get("trial_id") or storage_mod.name(r.path)))
+            parts.append(r.metrics_dataframe.assign(trial_id=_trial_id(r)))
     parts = [p for p in parts if not p.empty]
     if not parts:
         return {}
