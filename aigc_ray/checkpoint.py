@@ -45,8 +45,10 @@ def encode(*, state: dict[str, Any], cfg: Config, grid_png: bytes | None, metric
         files[GRID_FILE] = grid_png
     meta = {"step": int(state["step"]), "metrics": metrics, "files": {n: len(b) for n, b in files.items()},
             "format": FORMAT_VERSION}
+    if state.get("init_from"):  # a fine-tuned run says whose weights it started from
+        meta["init_from"] = state["init_from"]
     if state.get("privacy"):  # a DP run's checkpoint says what it guarantees
-        meta["privacy"] = guarantee(state["privacy"])
+        meta["privacy"] = guarantee(state["privacy"], state.get("init_from"))
     files[META_FILE] = json.dumps(meta, indent=2).encode()
     return files
 

@@ -39,6 +39,15 @@ COVERS = ("covering this run's use of its training images (D's DP-SGD steps; G, 
           "data and the served model are post-processing), not a choice among several trials")
 
 
+
+def started_from(init: dict[str, Any] | None) -> str:
+    """What an epsilon statement adds for a run that started from another run's weights (aigc_ray.warmstart)."""
+    if not init:
+        return ""
+    return (f"; the run started from the weights of {init['checkpoint']} (trained on {init['dataset']}, public "
+            f"data, which epsilon does not cover): epsilon covers the fine-tuning only")
+
+
 # The private recipe: what a DP run gets for each of these left at 0 (auto). Measured on Fashion-MNIST at
 # epsilon 10 (docs/BENCHMARKS.md, "Quality against privacy"): only D sees private data, so D takes several
 # steps per G step; a narrow D has fewer weights for the same noise std (the noise's norm grows with the
@@ -177,8 +186,9 @@ def resolved(cfg: Config, size: int, spent: list | None = None) -> dict[str, Any
     return out
 
 
-def describe(cfg: Config, size: int, spent: list | None = None) -> str:
-    """The line a DP run starts with: what is private, how, what was chosen for it, and what epsilon covers."""
+def describe(cfg: Config, size: int, spent: list | None = None, init: dict[str, Any] | None = None) -> str:
+    """The line a DP run starts with: what is private, how, what was chosen for it, and what epsilon covers
+    (init: the checkpoint a fine-tuned run starts from, aigc_ray.warmstart)."""
     p = cfg.privacy
     q = sample_rate(cfg, size)
     done = spent_steps(spent)
@@ -187,8 +197,9 @@ def describe(cfg: Config, size: int, spent: list | None = None) -> str:
     before = f" ({done} of them done before, at epsilon={_rdp_epsilon(spent, p.delta):.2f})" if done else ""
     return (f"[aigc_ray] DP-SGD on D (Opacus): sigma={p.noise_multiplier:.3f}, C={p.max_grad_norm:g}, "
             f"Poisson q={q:.4g} (expected batch {cfg.train.batch_size} per worker), {cfg.loss.n_critic} D steps "
-            f"per G step, {d_steps(cfg)} D steps{before} -> epsilon={eps:.2f} at delta={p.delta:g}, {COVERS}; "
-            f"D {cfg.model.ndf} wide with {cfg.model.d_norm} norm and no spectral norm (per-example gradients)")
+            f"per G step, {d_steps(cfg)} D steps{before} -> epsilon={eps:.2f} at delta={p.delta:g}, {COVERS}"
+            f"{started_from(init)}; D {cfg.model.ndf} wide with {cfg.model.d_norm} norm and no spectral norm "
+            f"(per-example gradients)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,14 +289,18 @@ def make_private(d: nn.Module, opt_d: torch.optim.Optimizer, cfg: Config, size: 
     return gsm, opt, acc
 
 
-def guarantee(sd: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What a checkpoint's privacy state says, for best.json, /info and the report ({} keys, or None)."""
+def guarantee(sd: dict[str, Any] | None, init: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What a checkpoint's privacy state says, for best.json, /info and the report ({} keys, or None). init: the
+    checkpoint a fine-tuned run started from (aigc_ray.warmstart), which epsilon does not cover."""
     if not sd:
         return None
-    return {"epsilon": round(float(sd["epsilon"]), 4), "delta": sd["delta"], "noise_multiplier": sd["sigma"],
-            "max_grad_norm": sd["max_grad_norm"], "sample_rate": sd["q"], "accountant": sd["accountant"],
-            "d_steps": int(sum(h[2] for h in sd["history"])), "history": [list(h) for h in sd["history"]],
-            "covers": COVERS}
+    out = {"epsilon": round(float(sd["epsilon"]), 4), "delta": sd["delta"], "noise_multiplier": sd["sigma"],
+           "max_grad_norm": sd["max_grad_norm"], "sample_rate": sd["q"], "accountant": sd["accountant"],
+           "d_steps": int(sum(h[2] for h in sd["history"])), "history": [list(h) for h in sd["history"]],
+           "covers": COVERS + started_from(init)}
+    if init:
+        out["init_from"] = init
+    return out
 
 
 def history_of(guaranteed: dict[str, Any]) -> list:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from aigc_ray import checkpoint as ckpt
 from aigc_ray import data, privacy, train
-from aigc_ray.config import ConfigError, DataConfig, validate
+from aigc_ray.config import ConfigError, DataConfig, replace, validate
 from aigc_ray.plan import resolve
 from aigc_ray.gan.step import build_state, train_step, unwrap
 from aigc_ray.train.progress import progress_line
@@ -144,6 +144,39 @@ def test_resume_continues_epsilon(tiny):
 
     info = Sampler(second["checkpoint"]).info()  # what GET /info says of the served model
     assert info["privacy"]["epsilon"] == meta["privacy"]["epsilon"] and info["privacy"]["delta"] == 1e-5
+
+
+def test_dp_fine_tuning_from_public_weights_says_epsilon_covers_the_fine_tuning_only(tiny, capsys):
+    """Public Fashion-MNIST weights (with the private recipe's D), then DP on the private mnist-5k digits."""
+    public = train.fit(tiny(data__dataset="fashion-mnist", model__d_norm="layer", model__spectral_norm=False,
+                            train__steps=1, run__name="public"), quiet=True)
+    private = tiny(loss__n_critic=1, privacy__noise_multiplier=1.0, train__steps=2, train__log_every=1,
+                   train__init_from=public["run_dir"], run__name="private")
+    capsys.readouterr()
+    out = train.fit(private)
+    said = capsys.readouterr().out
+    start = next(line for line in said.splitlines() if "DP-SGD on D" in line)
+    assert f"started from the weights of {public['checkpoint']} (trained on fashion-mnist" in start
+    assert "epsilon covers the fine-tuning only" in start
+    assert "eps=" in said and "fine-tuning weights trained on fashion-mnist)" in said  # every progress line
+    meta = ckpt.read_meta(out["checkpoint"])
+    assert meta["privacy"]["d_steps"] == 2  # this run's own D steps, and nothing of the public training
+    assert meta["privacy"]["epsilon"] == pytest.approx(privacy.epsilon_after(1.0, 16 / N, 2, 1e-5), rel=1e-3)
+    assert "epsilon covers the fine-tuning only" in meta["privacy"]["covers"]
+    assert meta["privacy"]["init_from"]["dataset"] == "fashion-mnist"
+    from aigc_ray.serve import Sampler
+
+    assert Sampler(out["checkpoint"]).info()["privacy"]["covers"] == meta["privacy"]["covers"]  # GET /info
+    # Weights trained on the private images themselves are refused: epsilon would not cover that training.
+    own = train.fit(tiny(model__d_norm="layer", model__spectral_norm=False, train__steps=1, run__name="own"),
+                    quiet=True)
+    with pytest.raises(ConfigError, match="was trained on mnist-5k, the private images of this DP run"):
+        train.fit(replace(private, {"train.init_from": own["run_dir"], "run.name": "private2"}), quiet=True)
+    # A D that does not fit the recipe's: one line that says how to train the public model.
+    other = train.fit(tiny(data__dataset="fashion-mnist", train__steps=1, run__name="sn"), quiet=True)
+    with pytest.raises(ConfigError, match=r"model.d_norm none \(this run: layer\), model.spectral_norm True "
+                                          r"\(this run: False\) \(a DP run's D .*--no-spectral-norm\)$"):
+        train.fit(replace(private, {"train.init_from": other["run_dir"], "run.name": "private3"}), quiet=True)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -68,6 +68,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
         # Ray Train starts a PreemptionWatcher actor (a process, ~2 s of CPU) with every worker group to log node
         # drains of preemptible cloud machines; a cluster of our own has none, and our loop acts on none.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The Train controller takes a worker's report (and sees that it finished) when it polls, every 2 s by
+        # default; a worker that reports again before waits. Every 0.5 s: ~3 s less per short run here.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(address=address, num_cpus=num_cpus, logging_level="WARNING", log_to_driver=log_to_driver)
 
 

@@ -118,6 +118,9 @@ class TrainConfig:
     eval_dataset: str = opt("", "dataset whose test split (and domain classifier) scores the run; '': the training "
                                 "dataset's own. A DP run is scored only on data outside its private set: name a "
                                 "public one here (e.g. fashion-mnist for a private Fashion-MNIST subset)")
+    init_from: str = opt("", "a checkpoint (or run folder) whose G, D and G_ema weights start a fresh run: "
+                             "fine-tuning, e.g. from a model of public data. The same networks are needed; under "
+                             "DP its data must not be this run's, and epsilon covers the fine-tuning only")
     max_failures: int = opt(3, "worker-group restarts from the last checkpoint before the run fails")
     seed: int = opt(0, "seed of weights, noise, data order and the fixed sample-grid noise")
 

@@ -47,6 +47,7 @@ class TrainState:
     d_steps: int = 0  # D updates done (R1 runs on every R1_EVERY-th)
     r_t: list = field(default_factory=list)  # ADA's E[sign(D(real))] of the steps since p last moved
     private: privacy.Private | None = None  # with DP: the accountant (D is then Opacus-wrapped, not DDP)
+    init_from: dict | None = None  # the checkpoint whose weights the run started from (aigc_ray.warmstart)
 
 
 def unwrap(m: nn.Module) -> nn.Module:
@@ -222,6 +223,7 @@ def state_dict(state: TrainState) -> dict[str, Any]:
         "step": state.step, "rng": rng, "d_steps": state.d_steps, "aug_p": state.aug.p,
         "r_t": [float(r) for r in state.r_t],
         "privacy": state.private.state_dict() if state.private is not None else None,
+        "init_from": state.init_from,
     }
 
 
@@ -246,6 +248,7 @@ def load_state_dict(state: TrainState, sd: dict[str, Any], restore_rng: bool = T
     state.r_t = [torch.tensor(r) for r in sd.get("r_t", [])]
     if state.private is not None and sd.get("privacy"):
         state.private.load_state_dict(sd["privacy"])  # epsilon goes on from where it stood
+    state.init_from = sd.get("init_from")
     if restore_rng:
         torch.set_rng_state(sd["rng"]["cpu"])
         if "cuda" in sd["rng"] and torch.cuda.is_available():

@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 from .. import checkpoint as ckpt
 from .. import data as data_mod
 from .. import metrics as metrics_mod
-from .. import privacy, storage
+from .. import privacy, storage, warmstart
 from ..config import Config, ConfigError, RunError, replace, validate
 from ..plan import alive_nodes, check_cluster, layout, plan_workers, resolve
 from .progress import progress_callback, relayed_lines
@@ -38,6 +38,8 @@ def check_inputs(cfg: Config) -> None:
     spent = spent_privacy(cfg)
     if cfg.privacy.enabled:  # delta against the training images; sigma or the step cap within what is left
         privacy.resolved(cfg, data_mod.size(cfg.data), spent)
+    if cfg.train.init_from and _latest_meta(cfg) is None:  # there, and not this DP run's private images
+        warmstart.source(cfg, shapes=False)
 
 
 def make_inputs(cfg: Config, local: bool = False) -> dict[str, Any]:
@@ -134,6 +136,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
     if not verbose:  # in-process (local) runs: Ray Train's INFO lines come from this process's own logger
         logging.getLogger("ray.train").setLevel(logging.WARNING)
     _check_resumable(cfg, run_dir)
+    before = _latest_meta(cfg)  # a resumed run keeps the weights it started from; a fresh one may take some
+    init = before.get("init_from") if before else warmstart.source(cfg)
     local = t.num_workers == 0
     check_cluster(cfg)
     if inputs is None:
@@ -146,14 +150,14 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
                   f"identity-conditional (one label per person: sample --class NAME gives their double), "
                   f"augmentation {cfg.augment.policy}", flush=True)
         if cfg.privacy.enabled:
-            print(privacy.describe(cfg, data_mod.size(cfg.data), spent_privacy(cfg)), flush=True)
+            print(privacy.describe(cfg, data_mod.size(cfg.data), spent_privacy(cfg), init), flush=True)
     with relayed_lines(enabled=not (quiet or local)) as lines:
         cbs = list(callbacks or [])
         if not local:
-            cbs.append(progress_callback(run_dir, t.steps, lines, layout=layout(cfg)))
+            cbs.append(progress_callback(run_dir, t.steps, lines, layout=layout(cfg), init=init))
         result = _run_trainer(cfg, run_dir, cbs, verbose, keep_best_by, driver_cpus,
                               {"cfg": cfg.to_dict(), "local": local, "run_dir": run_dir, "echo": not quiet,
-                               "lines": lines, "inputs": inputs})
+                               "lines": lines, "inputs": inputs, "init": None if before else init})
     if result.checkpoint is not None:
         latest = storage.join(run_dir, storage.name(result.checkpoint.path))
     else:

@@ -16,11 +16,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .. import storage
 
 
-def progress_line(m: dict[str, Any], total: int, layout: str = "") -> str:
+def progress_line(m: dict[str, Any], total: int, layout: str = "", init: dict | None = None) -> str:
+    """init: the checkpoint a fine-tuned run started from (its epsilon covers the fine-tuning only)."""
     extra = f" W={m['wasserstein']:.3f}" if "wasserstein" in m else ""
     evals = "".join(f" {k}={m[k]:.2f}" for k in ("fid", "fid_domain") if k in m)
     extra += f" aug p={m['aug_p']:.2f}" if "aug_p" in m else ""
-    extra += f" eps={m['epsilon']:.2f} (delta {m['delta']:g}, this run's D steps)" if "epsilon" in m else ""
+    tuned = f", fine-tuning weights trained on {init['dataset']}" if init else ""
+    extra += f" eps={m['epsilon']:.2f} (delta {m['delta']:g}, this run's D steps{tuned})" if "epsilon" in m else ""
     loss_d = f"loss_d={m['loss_d']:.3f}" if "loss_d" in m else "loss_d=private"
     return (f"[aigc_ray] step {m['step']}/{total} ({100 * m['step'] / total:.0f}%) "
             f"{loss_d} loss_g={m['loss_g']:.3f}{extra}{evals} "
@@ -38,13 +40,13 @@ class Logger:
     On an object store the events are written to a local folder and published after every flush."""
 
     def __init__(self, run_dir: str | None, total_steps: int, say: Callable[[str], Any] | None = None,
-                 layout: str = ""):
-        self.run_dir, self.total, self.say, self.layout = run_dir, total_steps, say, layout
+                 layout: str = "", init: dict | None = None):
+        self.run_dir, self.total, self.say, self.layout, self.init = run_dir, total_steps, say, layout, init
         self._writer = self._local = None
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.say is not None:
-            self.say(progress_line(metrics, self.total, self.layout))
+            self.say(progress_line(metrics, self.total, self.layout, self.init))
         if not self.run_dir:
             return
         tb = storage.join(self.run_dir, "tensorboard")
@@ -61,13 +63,13 @@ class Logger:
             storage.publish_dir(self._local, tb)
 
 
-def progress_callback(run_dir: str, total: int, lines, layout: str = ""):
+def progress_callback(run_dir: str, total: int, lines, layout: str = "", init: dict | None = None):
     class Progress(UserCallback):
         """Runs on the Ray Train controller: one line per report (into the driver's relay), and TensorBoard
         events."""
 
         def __init__(self):
-            self.logger = Logger(run_dir, total, lines.put if lines is not None else None, layout)
+            self.logger = Logger(run_dir, total, lines.put if lines is not None else None, layout, init)
 
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0]:

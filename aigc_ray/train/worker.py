@@ -16,15 +16,15 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt
 from .. import data as data_mod
 from .. import metrics as metrics_mod
-from .. import privacy, storage
+from .. import privacy, storage, warmstart
 from ..config import Config, validate
 from ..gan.step import TrainState, build_state, load_state_dict, sample_grid, state_dict, train_step, unwrap
 from ..plan import layout
 from ..seeds import derive
 from .progress import Logger, say
 
-# Ray Train's controller takes one report per worker every 2 s (its health-check poll) and a worker
-# reporting faster waits for it: on a GPU, where 50 steps take a fraction of a second, reporting every
+# Ray Train's controller takes one report per worker per health-check poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:
+# 2 s by default, 0.5 s on a cluster aigc_ray starts) and a worker reporting faster waits for it: on a GPU, where 50 steps take a fraction of a second, reporting every
 # log_every steps ran at a tenth of the plain loop's speed. Workers report at most this often instead
 # (checkpoints and evaluations always), deciding together from their mean clock.
 REPORT_EVERY_S = 2.5
@@ -69,6 +69,8 @@ def _resume(state: TrainState, cfg: Config, config: dict[str, Any], data, rank: 
         if rank != 0:  # rank 0 took its RNG state from the checkpoint
             torch.manual_seed(derive(t.seed, "worker", rank, state.step))
     else:
+        if config.get("init"):  # a fresh run that fine-tunes another run's weights
+            warmstart.apply(state, config["init"], device)
         torch.manual_seed(derive(t.seed, "worker", rank, 0))
     if state.private is not None:
         # DP's sampling: a secret seed from OS entropy, shared by the workers, never from train.seed.
@@ -82,7 +84,8 @@ def _train(state: TrainState, batches, cfg: Config, config: dict[str, Any], ref:
            world: int, device) -> None:
     """Steps until train.steps, reporting (and checkpointing, evaluating) as due."""
     t, local, run_dir = cfg.train, config["local"], config["run_dir"]
-    logger = Logger(run_dir, t.steps, say if config["echo"] else None, layout(cfg)) if local else None
+    logger = Logger(run_dir, t.steps, say if config["echo"] else None, layout(cfg),
+                    init=config.get("init") or state.init_from) if local else None
     window: dict[str, torch.Tensor] = {}
     n_window, t0 = 0, time.perf_counter()
     while state.step < t.steps:
