@@ -44,9 +44,10 @@ def checkpoint(tmp_path_factory):
 
 class Served:
     def __init__(self, checkpoint: str, log: Path, *args, host: str = "127.0.0.1", env: dict | None = None,
-                 port: int | None = None, url: str = "http://127.0.0.1", verify=True):
+                 port: int | None = None, url: str = "http://127.0.0.1", verify=True, key: str | None = None):
         self.port = port or free_ports(1)[0]
         self.url, self.verify = f"{url}:{self.port}", verify  # requests go to loopback, whatever --host binds
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
         self.log = log
         self.proc = subprocess.Popen([str(BIN / "aigc-ray"), "serve", "--checkpoint", checkpoint, "--host", host,
                                       "--port", str(self.port), *args], env={**os.environ, **(env or {})},
@@ -226,19 +227,26 @@ def test_overload_is_refused_at_once(served):
     assert max(r[2] for r in results) < 30  # and nobody waits without bound
 
 
-def test_a_hard_kill_leaves_nothing_behind(served, checkpoint, tmp_path):
+def test_a_hard_kill_leaves_nothing_behind_and_the_next_service_on_the_port_is_exposed_with_https_and_a_key(
+        served, checkpoint, tmp_path):
+    """kill -9 of `aigc-ray serve`, then a new one on its port, now exposed: --host 0.0.0.0 with a key and a
+    self-signed certificate (every request still goes to 127.0.0.1). It speaks only https, asks for its key
+    (API, client, CLI, playground), and stops cleanly on SIGTERM."""
+    cert, tls_key = _self_signed(tmp_path)
+    key = "k" * 8 + os.urandom(12).hex()
+    (tmp_path / "key").write_text(key + "\n")
     os.kill(served.proc.pid, signal.SIGKILL)  # the OOM killer, kill -9: no cleanup runs
     served.proc.wait()
     t0 = time.time()
     again = Served(checkpoint, tmp_path / "again.log", "--min-replicas", "2", "--max-replicas", "2", "--num-cpus",
-                   "0.5", port=served.port)
+                   "0.5", "--token-file", str(tmp_path / "key"), "--tls-cert", str(cert), "--tls-key", str(tls_key),
+                   port=served.port, host="0.0.0.0", url="https://127.0.0.1", verify=str(cert), key=key)
     try:
         while "Serving at" not in again.log.read_text():  # the new one has the port: its own HAProxy bound it
             assert again.proc.poll() is None and time.time() - t0 < 60, again.log.read_text()[-3000:]
             time.sleep(0.5)
         again.wait_up(timeout=60 - (time.time() - t0))
         print(f"second aigc-ray serve on port {served.port} up {time.time() - t0:.1f} s after the first was SIGKILLed")
-        assert httpx.post(again.url + "/generate", json={"n": 1, "seed": 0}, timeout=30).status_code == 200
         # The port is the new service's, nothing of the old is left. Serve reloads HAProxy now and then (a new
         # process takes over, the old drains and exits between two looks), so only a listener seen outside
         # the service's process tree twice in a row is a stranger.
@@ -252,9 +260,39 @@ def test_a_hard_kill_leaves_nothing_behind(served, checkpoint, tmp_path):
             seen = strangers
             time.sleep(0.5)
         assert listeners and not strangers, [(p.pid, p.ppid(), p.cmdline()[:3]) for p in map(psutil.Process, strangers)]
+        _speaks_https_and_asks_for_its_key(again, key, cert, tmp_path)
         _sigterm_while_serving(again)
     finally:
         again.stop()
+
+
+def _speaks_https_and_asks_for_its_key(s: "Served", key: str, cert: Path, tmp_path: Path) -> None:
+    with pytest.raises(httpx.TransportError):  # plain HTTP on the port gets no answer
+        httpx.get(f"http://127.0.0.1:{s.port}/healthz", timeout=10)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that
+        httpx.get(s.url + "/healthz", timeout=10)  # does not trust the certificate
+    get = lambda path, **kw: httpx.get(s.url + path, timeout=30, verify=str(cert), **kw)  # noqa: E731
+    assert get("/healthz").json()["auth"] is True
+    for path in ("/info", "/sample.png", "/docs"):
+        r = get(path)
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert get("/info", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert get("/info", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.post(s.url + "/generate", json={"n": 1, "seed": 0}, timeout=30, verify=str(cert),
+                      headers=s.headers).status_code == 200
+
+    from aigc_ray.client import Client, ServiceError
+
+    assert Client(s.url, token=key, ca_file=str(cert)).grid(n=4, seed=0)[:4] == b"\x89PNG"
+    with pytest.raises(ServiceError, match="401"):
+        Client(s.url, ca_file=str(cert)).grid(n=4, seed=0)
+    with pytest.raises(ServiceError, match="CERTIFICATE_VERIFY_FAILED"):
+        Client(s.url, token=key).grid(n=4, seed=0)
+    r = subprocess.run([str(BIN / "aigc-ray"), "sample", "--url", s.url, "--token-file", str(tmp_path / "key"),
+                        "--ca-file", str(cert), "--n", "4", "--out", str(tmp_path / "g.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG", r.stderr
+    _playground_with_a_key(s.url, key, tmp_path)
 
 
 def _tree(pid: int) -> set[int]:
@@ -270,7 +308,8 @@ def _sigterm_while_serving(s: Served) -> None:
     def client():
         while not stop.is_set():
             try:
-                codes.append(httpx.post(s.url + "/generate", json={"n": 1, "seed": 0}, timeout=10).status_code)
+                codes.append(httpx.post(s.url + "/generate", json={"n": 1, "seed": 0}, timeout=10, verify=s.verify,
+                                        headers=s.headers).status_code)
             except httpx.HTTPError:
                 codes.append(0)
 
@@ -336,43 +375,6 @@ def test_an_exposed_service_with_a_key_but_no_tls_refuses_to_start(checkpoint, t
                         "--tls-key", str(tmp_path / "key")], capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--tls-cert/--tls-key: cannot load" in lines[0], r.stderr
-
-
-def test_an_exposed_service_speaks_https_and_asks_for_its_key(checkpoint, tmp_path):
-    """--host 0.0.0.0 with a key and a self-signed certificate; every request goes to 127.0.0.1."""
-    cert, tls_key = _self_signed(tmp_path)
-    key = "k" * 8 + os.urandom(12).hex()
-    (tmp_path / "key").write_text(key + "\n")
-    s = Served(checkpoint, tmp_path / "serve.log", "--token-file", str(tmp_path / "key"), "--tls-cert", str(cert),
-               "--tls-key", str(tls_key), host="0.0.0.0", url="https://127.0.0.1", verify=str(cert))
-    try:
-        s.wait_up()
-        with pytest.raises(httpx.TransportError):  # plain HTTP on the port gets no answer
-            httpx.get(f"http://127.0.0.1:{s.port}/healthz", timeout=10)
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that
-            httpx.get(s.url + "/healthz", timeout=10)  # does not trust the certificate
-        get = lambda path, **kw: httpx.get(s.url + path, timeout=30, verify=str(cert), **kw)  # noqa: E731
-        assert get("/healthz").json()["auth"] is True
-        for path in ("/info", "/sample.png", "/docs"):
-            r = get(path)
-            assert r.status_code == 401 and "API key" in r.json()["error"]
-        assert get("/info", headers={"authorization": "Bearer wrong"}).status_code == 401
-        assert get("/info", headers={"authorization": f"Bearer {key}"}).status_code == 200
-
-        from aigc_ray.client import Client, ServiceError
-
-        assert Client(s.url, token=key, ca_file=str(cert)).grid(n=4, seed=0)[:4] == b"\x89PNG"
-        with pytest.raises(ServiceError, match="401"):
-            Client(s.url, ca_file=str(cert)).grid(n=4, seed=0)
-        with pytest.raises(ServiceError, match="CERTIFICATE_VERIFY_FAILED"):
-            Client(s.url, token=key).grid(n=4, seed=0)
-        r = subprocess.run([str(BIN / "aigc-ray"), "sample", "--url", s.url, "--token-file", str(tmp_path / "key"),
-                            "--ca-file", str(cert), "--n", "4", "--out", str(tmp_path / "g.png")],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG", r.stderr
-        _playground_with_a_key(s.url, key, tmp_path)
-    finally:
-        s.stop()
 
 
 def _playground_with_a_key(url: str, key: str, tmp_path: Path) -> None:
