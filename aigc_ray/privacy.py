@@ -39,7 +39,6 @@ COVERS = ("covering this run's use of its training images (D's DP-SGD steps; G, 
           "data and the served model are post-processing), not a choice among several trials")
 
 
-
 def started_from(init: dict[str, Any] | None) -> str:
     """What an epsilon statement adds for a run that started from another run's weights (aigc_ray.warmstart)."""
     if not init:

@@ -12,10 +12,12 @@ refused, since epsilon would not cover that training.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, same_images
+from . import storage
+from .config import Config, ConfigError, same_images, validate
 from .gan.step import TrainState, unwrap
 
 # What must match for the weights to fit: the networks' shapes, and what they make.
@@ -42,21 +44,21 @@ def source(cfg: Config, shapes: bool = True) -> dict[str, Any] | None:
     networks, which needs cfg resolved), or is private data."""
     if not cfg.train.init_from:
         return None
-    try:
+    try:  # its config and meta.json: the weights are loaded where they are used (apply)
         where = ckpt.find(cfg.train.init_from)
-        state = ckpt.load(where)
+        theirs, meta = json.loads(storage.read_text(storage.join(where, ckpt.CONFIG_FILE))), ckpt.read_meta(where)
     except ckpt.CheckpointError as e:
         raise ConfigError(f"train.init_from: {str(e).removeprefix('checkpoint: ')}") from None
-    theirs, ours = state["config"], cfg.to_dict()
-    check_data(cfg, ckpt.config_of(state), where)
+    ours = cfg.to_dict()
+    check_data(cfg, validate(Config.from_dict(theirs)), where)
     keys = [k for k in SHAPE_KEYS if shapes and (k != "model.num_classes" or cfg.model.conditional)]
     differ = [f"{k} {_get(theirs, k)} (this run: {_get(ours, k)})" for k in keys if _get(theirs, k) != _get(ours, k)]
     if differ:
         hint = " (a DP run's D is the private recipe's: train the public model with the same --ndf, --d-norm layer " \
                "and --no-spectral-norm)" if cfg.privacy.enabled else ""
         raise ConfigError(f"train.init_from: {where} has other networks: " + ", ".join(differ) + hint)
-    return {"checkpoint": where, "step": int(state["step"]), "dataset": theirs["data"]["dataset"],
-            "dp": bool(state.get("privacy"))}
+    return {"checkpoint": where, "step": int(meta["step"]), "dataset": theirs["data"]["dataset"],
+            "dp": bool(meta.get("privacy"))}
 
 
 def apply(state: TrainState, init: dict[str, Any], device="cpu") -> None:
@@ -67,4 +69,3 @@ def apply(state: TrainState, init: dict[str, Any], device="cpu") -> None:
     if state.g_ema is not None:
         state.g_ema.load_state_dict(weights["g_ema"] if weights.get("g_ema") is not None else weights["g"])
     state.init_from = dict(init)
-

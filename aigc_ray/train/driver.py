@@ -150,7 +150,8 @@ def fit(cfg: Config, *, callbacks: list | None = None, quiet: bool = False, verb
                   f"identity-conditional (one label per person: sample --class NAME gives their double), "
                   f"augmentation {cfg.augment.policy}", flush=True)
         if cfg.privacy.enabled:
-            print(privacy.describe(cfg, data_mod.size(cfg.data), spent_privacy(cfg), init), flush=True)
+            print(privacy.describe(cfg, data_mod.size(cfg.data), privacy.resume_history(cfg, before), init),
+                  flush=True)
     with relayed_lines(enabled=not (quiet or local)) as lines:
         cbs = list(callbacks or [])
         if not local:

@@ -24,8 +24,9 @@ from ..seeds import derive
 from .progress import Logger, say
 
 # Ray Train's controller takes one report per worker per health-check poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:
-# 2 s by default, 0.5 s on a cluster aigc_ray starts) and a worker reporting faster waits for it: on a GPU, where 50 steps take a fraction of a second, reporting every
-# log_every steps ran at a tenth of the plain loop's speed. Workers report at most this often instead
+# 2 s by default, 0.5 s on a cluster aigc_ray starts) and a worker reporting faster waits for it: on a GPU,
+# where 50 steps take a fraction of a second, reporting every log_every steps ran at a tenth of the plain
+# loop's speed. Workers report at most this often instead
 # (checkpoints and evaluations always), deciding together from their mean clock.
 REPORT_EVERY_S = 2.5
 
@@ -84,8 +85,7 @@ def _train(state: TrainState, batches, cfg: Config, config: dict[str, Any], ref:
            world: int, device) -> None:
     """Steps until train.steps, reporting (and checkpointing, evaluating) as due."""
     t, local, run_dir = cfg.train, config["local"], config["run_dir"]
-    logger = Logger(run_dir, t.steps, say if config["echo"] else None, layout(cfg),
-                    init=config.get("init") or state.init_from) if local else None
+    logger = Logger(run_dir, t.steps, say if config["echo"] else None, layout(cfg), state.init_from) if local else None
     window: dict[str, torch.Tensor] = {}
     n_window, t0 = 0, time.perf_counter()
     while state.step < t.steps:
