@@ -6,6 +6,8 @@
     aigc-ray train --dataset mnist-5k --ndf 16 --d-norm layer --no-spectral-norm --steps 2000 --num-workers 0 \
         --storage runs --name public-digits
     python bench/privacy.py --steps 2000 --epsilons 10 --init-from runs/public-digits
+    # the frontier of issue 30: 10k samples vs the 10k test images; points measured in separate runs accumulate
+    python bench/privacy.py --epsilons 10 --fid-samples 10000 --ref-images 10000 --out docs/privacy_frontier
 
 Every run trains in this process (no Ray, the same torch threads) for the same G steps. With a finite
 epsilon, D trains with DP-SGD (Opacus; Poisson batches, per-image clipping at C=1, the sigma that spends
@@ -13,7 +15,9 @@ exactly epsilon in those steps, LayerNorm instead of spectral norm in D). Then G
 images from fixed seeds, whose Inception features give the standard FID and precision/recall (k=3)
 against the first --ref-images test images; the memorization audit's copy rate compares them with the
 60,000 training images in the domain classifier's features, calibrated by 1,000 held-out test images.
-One JSON line per run, then a table.
+One JSON line per run, then a table. With --out DIR, each run's row also replaces the row of the same epsilon
+and protocol in DIR/frontier.json, and DIR/frontier.md and DIR/frontier.png show every row there (FID against
+epsilon) beside DPImageBench's Fashion-MNIST figures at epsilon 10.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -48,6 +53,9 @@ def main() -> None:
     p.add_argument("--also-ema", type=float, default=0, metavar="DECAY",
                    help="also keep an EMA of G at this decay (post-processing: free under DP) and score it on 2,000 "
                         "samples against the first 2,000 test images, beside G_ema's figure on the same protocol")
+    p.add_argument("--out", default="", metavar="DIR",
+                   help="merge each run's row into DIR/frontier.json (by epsilon, samples and reference images) and "
+                        "write DIR/frontier.md and DIR/frontier.png from all its rows")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (a YAML value), e.g. --set loss.n_critic=10; repeatable")
     args = p.parse_args()
@@ -115,14 +123,76 @@ def main() -> None:
                "d_images_per_s": round(args.steps * cfg.loss.n_critic * cfg.train.batch_size / secs, 1),
                "fid": fid(f, ref), **also,
                "precision": round(prec, 3), "recall": round(rec, 3), "copy_rate": round(rate, 4)}
+        row.update({"fid_samples": args.fid_samples, "ref_images": args.ref_images, "threads": args.threads,
+                    "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:
+            write_frontier(Path(args.out), row)
     print(f"\n| epsilon (delta {args.delta:g}) | sigma | FID ({args.fid_samples} vs {args.ref_images} test) | precision "
           "| recall | copy rate | train s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         sigma = f"{r['sigma']:.3f}" if r["sigma"] else "-"
         print(f"| {r['epsilon']} | {sigma} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
               f"{r['copy_rate']:.4f} | {r['train_s']:.0f} |")
+
+
+# DPImageBench (2019ChenGong/DPImageBench, README), Fashion-MNIST at epsilon 10, delta 1e-5. Its protocol
+# differs: 28 px images, its own FID code, 60,000 samples.
+PUBLISHED = {"DP-GAN": 76.9, "GS-WGAN": 97.2, "DP-MERF": 106.4, "DPDM": 17.1}
+
+
+def write_frontier(out: Path, row: dict) -> None:
+    """Add one run's row to out/frontier.json, then write the table (frontier.md) and the curve (frontier.png)
+    of every row in it. Rows are kept, not replaced: under DP the noise comes from OS entropy, so two runs of
+    the same settings differ, and the spread is part of the figure."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "frontier.json"
+    rows = (json.loads(path.read_text()) if path.exists() else []) + [row]
+    rows.sort(key=lambda r: (r["fid_samples"], r["init_from"] or "", -float(r["epsilon"]), r["measured"]))
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| ε (δ 1e-5) | σ | D steps per G step × G steps | FID | FID 2k vs 2k | precision | recall "
+             "| copy rate | train s (threads) | samples vs test images | start | measured |", "|---" * 12 + "|"]
+    for r in rows:
+        sigma = f"{r['sigma']:.3f}" if r["sigma"] else "–"
+        small = r.get("fid_2000", r["fid"] if r["fid_samples"] == r["ref_images"] == 2000 else None)
+        lines.append(f"| {r['epsilon'].replace('inf', '∞')} | {sigma} | {r['n_critic']} × {r['steps']} | "
+                     f"{r['fid']:.2f} | {'–' if small is None else f'{small:.2f}'} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['copy_rate']:.4f} | {r['train_s']:.0f} ({r['threads']}) | "
+                     f"{r['fid_samples']} vs {r['ref_images']} | {'public weights' if r['init_from'] else 'fresh'} | "
+                     f"{r['measured']} |")
+    lines += ["", "DPImageBench, ε = 10 (28 px, its own FID code, 60k samples): "
+              + ", ".join(f"{k} {v}" for k, v in PUBLISHED.items())]
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+
+    from matplotlib.figure import Figure  # seconds to import; only here
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    no_dp = 100.0  # where epsilon = inf sits on the log axis
+    for samples in sorted({r["fid_samples"] for r in rows}, reverse=True):
+        for init in (False, True):
+            runs = [(float(r["epsilon"]) if math.isfinite(float(r["epsilon"])) else no_dp, r["fid"]) for r in rows
+                    if r["fid_samples"] == samples and bool(r["init_from"]) == init]
+            if not runs:
+                continue
+            label = f"aigc_ray{', public warm start' if init else ''}, {samples} samples"
+            xs = sorted({x for x, _ in runs})
+            means = [sum(y for x2, y in runs if x2 == x) / sum(1 for x2, _ in runs if x2 == x) for x in xs]
+            line, = ax.plot(xs, means, "-", label=label)
+            ax.scatter([x for x, _ in runs], [y for _, y in runs], color=line.get_color(), s=14)
+    for name, fid in PUBLISHED.items():
+        ax.scatter([10], [fid], marker="x", color="black", s=20)
+        ax.annotate(f"{name} (DPImageBench)", (10, fid), textcoords="offset points", xytext=(5, -3), fontsize=7)
+    ax.set_xscale("log")
+    ticks = sorted({1.0, 3.0, 10.0, no_dp} | {float(r["epsilon"]) for r in rows if math.isfinite(float(r["epsilon"]))})
+    ax.set_xticks(ticks, [f"{t:g}" if t != no_dp else "∞ (no DP)" for t in ticks])
+    ax.set_xlabel("ε (δ = 1e-5)")
+    ax.set_ylabel("standard FID (lower is better)")
+    ax.set_title("Fashion-MNIST 32 px: quality against privacy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
 
 
 if __name__ == "__main__":
