@@ -162,7 +162,7 @@ def write_frontier(out: Path, row: dict) -> None:
                      f"{r['fid_samples']} vs {r['ref_images']} | {'public weights' if r['init_from'] else 'fresh'} | "
                      f"{r['measured']} |")
     lines += ["", "DPImageBench, ε = 10 (28 px, its own FID code, 60k samples): "
-              + ", ".join(f"{k} {v}" for k, v in PUBLISHED.items())]
+              + ", ".join(f"{k} {v}" for k, v in PUBLISHED.items()), "", "![FID against ε](frontier.png)"]
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
 
     from matplotlib.figure import Figure  # seconds to import; only here
