@@ -260,8 +260,8 @@ class Cluster:
                 self.kill_node(node)
         self.head.send_signal(signal.SIGTERM)  # --block: stopping this process stops the head
         try:
-            self.head.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # a head still draining (a Serve app, a job) after 10 s: its whole group
+            self.head.wait(timeout=3)
+        except subprocess.TimeoutExpired:  # a head still draining (a Serve app, a job) after 3 s: its whole group
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.head.pid, signal.SIGKILL)
             self.head.wait(timeout=30)

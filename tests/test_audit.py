@@ -84,17 +84,18 @@ def test_audit_cli_writes_json_and_pairs_of_a_limited_run(tiny, tmp_path, capsys
 
 @pytest.mark.slow
 def test_a_model_trained_long_on_eight_images_copies_them_and_a_brief_fashion_model_does_not(tmp_path):
-    """1,500 steps on the first 8 digits (1,500 epochs, no augmentation) against 200 steps on
-    Fashion-MNIST's 60,000: the audit must tell them apart clearly."""
+    """1,000 steps on the first 8 digits (1,000 epochs, no augmentation, a high learning rate) against 200
+    steps on 5,000 Fashion-MNIST images: the audit must tell them apart clearly. (Here: copy rates 0.57 and 0,
+    MiFID 2,409 and ~230; 8 s and 5 s of training.)"""
     from aigc_ray import train
     from aigc_ray.config import Config, replace
 
-    base = {"model.ngf": 32, "model.ndf": 32, "model.latent_dim": 32, "train.num_workers": 0,
+    base = {"model.ngf": 16, "model.ndf": 16, "model.latent_dim": 32, "train.num_workers": 0,
             "train.log_every": 500, "run.storage": str(tmp_path / "runs")}
     tiny = train.fit(replace(Config(), {**base, "data.dataset": "mnist-5k", "data.limit": 8, "augment.policy": "none",
-                                        "train.batch_size": 8, "train.steps": 1500, "train.ckpt_every": 1500,
-                                        "run.name": "eight"}), quiet=True)
-    brief = train.fit(replace(Config(), {**base, "data.dataset": "fashion-mnist", "train.steps": 200,
+                                        "optim.lr_g": 2e-3, "optim.lr_d": 2e-3, "train.batch_size": 8,
+                                        "train.steps": 1000, "train.ckpt_every": 1000, "run.name": "eight"}), quiet=True)
+    brief = train.fit(replace(Config(), {**base, "data.dataset": "fashion-mnist", "data.limit": 5000, "train.steps": 200,
                                          "train.ckpt_every": 200, "run.name": "brief"}), quiet=True)
     copier = audit.run(tiny["checkpoint"], num_samples=100, heldout=200)
     fresh = audit.run(brief["checkpoint"], num_samples=100, heldout=200)

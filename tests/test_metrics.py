@@ -98,9 +98,10 @@ def _noise_images(n, seed=0):
     return torch.randint(0, 256, (n, 1, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("metric,n,ratio", [("fid-domain", 2000, 10), ("fid", 150, 4)])
+@pytest.mark.parametrize("metric,n,ratio", [("fid-domain", 2000, 10), ("fid", 100, 3.5)])
 def test_train_vs_test_is_small_and_noise_vs_test_is_large(metric, n, ratio):
-    """(Inception FID on 150 images carries a large small-sample bias: hence the smaller ratio.)"""
+    """(Inception FID on 100 images carries a large small-sample bias, hence the smaller ratio: train vs test
+    94.8 and noise vs test 418.2 here, 4.4x; 150 images gave 76.7 and 414.9.)"""
     train, test = data.load(FASHION, "train"), data.load(FASHION, "test")
     stats = {name: metrics.compute({"images": imgs}, metric, FASHION, "stats")
              for name, imgs in [("train", train.images[:n]), ("test", test.images[:n]), ("noise", _noise_images(n))]}

@@ -380,7 +380,7 @@ def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
     assert len(victims) == 2
     clients = 8
     with _load(clients, {"n": 4, "seed": 1, "format": "npy"}) as log:
-        time.sleep(3)
+        time.sleep(2)
         killed_at = time.time()
         os.kill(victims[0], signal.SIGKILL)
         deadline = time.time() + 90
@@ -390,7 +390,7 @@ def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
                 break
             time.sleep(0.5)
         replaced_at = time.time()
-        time.sleep(3)
+        time.sleep(2.5)
     failed = [code for ts, code in log if code != 200]
     after = [code for ts, code in log if ts > replaced_at + 1]
     print(f"replica loss: {len(log)} requests, {len(failed)} failed, replaced in {replaced_at - killed_at:.1f} s")

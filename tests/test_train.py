@@ -157,8 +157,12 @@ def test_two_workers_report_sparingly_checkpoint_evaluate_and_resume_with_optimi
     second = train.fit(tiny(train__num_workers=2, train__steps=303, train__log_every=3, train__ckpt_every=3,
                             run__name="ddp"), verbose=True)
     assert second["step"] == 303
-    time.sleep(3)
-    out, err = capfd.readouterr()
+    out = err = ""
+    deadline = time.time() + 10  # the workers' lines reach this process asynchronously
+    while "Checkpoint successfully created" not in out + err and time.time() < deadline:
+        time.sleep(0.25)
+        o, e = capfd.readouterr()
+        out, err = out + o, err + e
     assert "Checkpoint successfully created" in out + err  # and --verbose shows it
     # Our lines come through the driver's relay, printed by this process itself (not forwarded by Ray with a
     # "(TrainController pid=...)" prefix), once each: a command without --verbose loses none of them.

@@ -55,8 +55,9 @@ def _json_line(lines: list[str]) -> dict:
 
 
 def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_resumes(ray_cluster, tmp_path):
-    """`aigc-ray tune` as a user runs it, on the session's cluster (--address)."""
-    (tmp_path / "space.yaml").write_text("optim.lr_g: {grid: [2.0e-3, 1.0e-3, 50.0]}\noptim.lr_d: 2.0e-3\n")
+    """`aigc-ray tune` as a user runs it, on the session's cluster (--address). Two trials, one run after the
+    other: each trial's start (its driver, Train controller and worker, each a fresh process) costs ~15 s here."""
+    (tmp_path / "space.yaml").write_text("optim.lr_g: {grid: [2.0e-3, 50.0]}\noptim.lr_d: 2.0e-3\n")
     args = ["--address", ray_cluster.get_runtime_context().gcs_address, "--dataset", "mnist-5k", "--ngf", "16",
             "--ndf", "16", "--latent-dim", "16", "--batch-size", "16", "--num-trials", "1", "--max-steps", "40",
             "--metric", "fid-domain", "--search-space", str(tmp_path / "space.yaml"), "--max-concurrent", "1",
@@ -71,7 +72,7 @@ def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_res
     search = tmp_path / "s"
     trials = pd.read_csv(search / "trials.csv")
     per_trial = trials.groupby("trial_id").agg(steps=("step", "max"), best=("fid_domain", "min"))
-    assert len(per_trial) == 3 and (search / "fid_vs_step.png").stat().st_size > 1000
+    assert len(per_trial) == 2 and (search / "fid_vs_step.png").stat().st_size > 1000
 
     # best.json names the trial with the lowest reported metric, and its checkpoint samples.
     saved = json.loads((search / "best.json").read_text())
@@ -90,7 +91,7 @@ def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_res
              .map(lambda c: str(Path(c) / "config.json")).items()}
     absurd = [t for t, lr in lr_of.items() if lr == 50.0][0]
     assert per_trial.loc[absurd, "steps"] < 40
-    assert best["steps_run"] < best["steps_full_grid"] == 3 * 40
+    assert best["steps_run"] < best["steps_full_grid"] == 2 * 40
 
     # The same name again resumes the finished search instead of starting over.
     seen, _ = _tune_cli(args)
