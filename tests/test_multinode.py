@@ -227,10 +227,10 @@ def _get(url: str, timeout: float = 240) -> httpx.Response:
 
 
 def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
-    """The worker node dies while a 2-worker training run, a 2-trial search and the pipeline's service all
-    run on it; a fresh machine (empty disk, same package) joins. The run, on a folder of images only the head
+    """The worker node dies while a 2-worker training run, a search and the pipeline's service all run on
+    it; a fresh machine (empty disk, same package) joins. The run, on a folder of images only the head
     has, continues from its checkpoint in S3 (the images shipped to the new node from the head), the
-    search's trials start again and resume theirs, Serve starts the replica on the new node (which loads
+    search's trial starts again and resumes its own, Serve starts the replica on the new node (which loads
     the model from S3 again), and `aigc-ray serve --best` then deploys the search's winner there."""
     url = getattr(cluster, "service", None)
     assert url, "the pipeline test's service is not up"
@@ -242,9 +242,12 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
     steps = 300  # the run was near step 150 when the search's first checkpoint came (2026-12-02)
     run_log, search_log = tmp_path / "train.log", tmp_path / "tune.log"
     (tmp_path / "space.yaml").write_text("optim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}\n")  # TINY's nets
-    one_cpu = ["--cpus-per-worker", "1"]  # 2 workers + 2 trials + the replica: the node's 5 CPUs
-    search = cluster.cli_bg("tune", *TINY, *one_cpu, "--num-trials", "2", "--max-steps", "100", "--eval-every",
-                            "25", "--eval-samples", "64", "--max-concurrent", "2", "--search-space",
+    # 2 workers + the trial + the replica on the node's 5 CPUs. One trial: each is a driver, a Train controller and
+    # its helpers, and a worker, all started again after the loss (~30 CPU-s here); the 2-trial search is
+    # test_tune's.
+    one_cpu = ["--cpus-per-worker", "1"]
+    search = cluster.cli_bg("tune", *TINY, *one_cpu, "--num-trials", "1", "--max-steps", "100", "--eval-every",
+                            "25", "--eval-samples", "64", "--max-concurrent", "1", "--search-space",
                             str(tmp_path / "space.yaml"), "--storage", "s3://aigc/runs", "--name", "search", "--json",
                             log=search_log)
     small = ["--image-size", "32", *TINY[2:]]  # TINY's nets, on the folder
@@ -255,7 +258,7 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
         _wait_for_checkpoint(cluster, "runs/nodeloss/", run, run_log)
         _wait_for_checkpoint(cluster, "runs/train-", search, search_log)
         assert run.poll() is None and search.poll() is None  # both still at work when the machine goes
-        cluster.kill_node(cluster.nodes[-1])  # the node, both Train workers, both trials and the replica
+        cluster.kill_node(cluster.nodes[-1])  # the node, both Train workers, the trial and the replica
         cluster.add_node(cpus=NODE_CPUS)
         assert run.wait(timeout=600) == 0, run_log.read_text()[-3000:]
         assert search.wait(timeout=900) == 0, search_log.read_text()[-3000:]
@@ -275,9 +278,9 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
         state = ckpt.load(out["checkpoint"])
     assert state["step"] == steps and state["opt_g"]["state"][0]["step"] == steps
 
-    # The search: both trials finished, best.json in S3 names the winner.
+    # The search: its trial finished, best.json in S3 names the winner.
     out = _json_line(search_log.read_text())
-    assert out["trials"] == 2 and all(not row["error"] for row in out["table"])
+    assert out["trials"] == 1 and all(not row["error"] for row in out["table"])
     best = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="runs/search/best.json")["Body"].read())
     assert best["checkpoint"].startswith("s3://aigc/runs/train-") and best["metric"] == "fid_domain"
     assert best["checkpoint"] == out["checkpoint"] and best["step"] % 25 == 0
