@@ -87,6 +87,10 @@ class ObjectStore:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def read_json(self, key: str):
+        """The object at key, parsed as JSON."""
+        return json.loads(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
     def close(self) -> None:
         self.server.kill()
         self.server.wait()

@@ -201,7 +201,7 @@ def test_the_whole_pipeline_as_a_ray_job(cluster):
             "pipe/job/report/served.png", "pipe/job/report/final_samples.png"} <= keys
     # The search's trial, on the worker node, scored fid_domain against the reference the job's driver made
     # and shipped it: that reference is the storage's, not a node's.
-    searched = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="pipe/job/search/best.json")["Body"].read())
+    searched = cluster.s3.read_json("pipe/job/search/best.json")
     assert searched["metric"] == "fid_domain" and searched["value"] > 0
     assert [k for k in keys if k.startswith("pipe/job/.cache/fid_refs/")], sorted(k for k in keys if ".cache" in k)
     r = httpx.get(f"http://127.0.0.1:{port}/sample.png", params={"n": 4, "seed": 0}, timeout=60)
@@ -281,7 +281,7 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
     # The search: its trial finished, best.json in S3 names the winner.
     out = _json_line(search_log.read_text())
     assert out["trials"] == 1 and all(not row["error"] for row in out["table"])
-    best = json.loads(cluster.s3.client.get_object(Bucket="aigc", Key="runs/search/best.json")["Body"].read())
+    best = cluster.s3.read_json("runs/search/best.json")
     assert best["checkpoint"].startswith("s3://aigc/runs/train-") and best["metric"] == "fid_domain"
     assert best["checkpoint"] == out["checkpoint"] and best["step"] % 25 == 0
     assert {"runs/search/trials.csv", "runs/search/fid_vs_step.png"} <= set(_objects(cluster.s3, "runs/search/"))
