@@ -254,9 +254,10 @@ class Cluster:
         return subprocess.run([str(BIN / "aigc-ray"), *args, *address], env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout, **kw)
 
-    def cli_bg(self, *args, log: Path) -> subprocess.Popen:
-        return subprocess.Popen([str(BIN / "aigc-ray"), *args, "--address", self.address], env=self.env,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    def cli_bg(self, *args, log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+        """cli() in the background, its output in log."""
+        return subprocess.Popen([str(BIN / "aigc-ray"), *args, "--address", self.address],
+                                env={**self.env, **(env or {})}, stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
 
     def close(self) -> None:
         for node in self.nodes:

@@ -2,7 +2,8 @@
 # The GPU path, checked in one go on a fresh GPU machine (within 9 minutes):
 #
 #     bash bench/gpu_check.sh --out gpu-check          # tests on CUDA, then bench/gpu_bench.py's figures
-#     bash bench/gpu_check.sh --cpu-smoke --out smoke  # the same steps, tiny, on the CPU (CI: is it broken?)
+#     bash bench/gpu_check.sh --cpu-smoke --out smoke  # the same steps, tiny, on the CPU (CI: is it broken?);
+#                                                      # its two-replica test is test_serve's there
 #
 # 1. the project's .venv (made with `make venv` when missing); torch, CUDA and GPU names;
 # 2. bench/gpu_bench.py, in one process and one Ray cluster: the `gpu` tests (tests/test_gpu.py: train steps

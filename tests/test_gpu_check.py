@@ -19,7 +19,7 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert all(report["training"][0][k] > 0 for k in ("fp32", "bf16", "fp16", "bf16+channels_last"))
     assert report["ray_train"]["images_per_s"] > 0 and report["fid"]["fid_s"] > 0
     assert report["serve"]["serve_n16"] > 0 and report["serve"]["limit_n64"] > 0
-    assert set(report["tests"]) == {"passed"} and report["tests"]["passed"] >= 10  # none skipped or failed
+    assert set(report["tests"]) == {"passed"} and report["tests"]["passed"] >= 9  # none skipped or failed
     assert (tmp_path / "tests.txt").read_text().rstrip().splitlines()[-1].startswith(f"{report['tests']['passed']} passed")
     assert "| standard FID of 16 samples |" in r.stdout and "| device tests (tests/test_gpu.py) |" in r.stdout
 

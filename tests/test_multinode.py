@@ -101,39 +101,6 @@ def _json_line(stdout: str) -> dict:
     return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
 
 
-def _upload_faces(s3, prefix: str, n: int) -> None:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
-        s3.client.put_object(Bucket="aigc", Key=f"{prefix}/{i:03d}.png", Body=buf.getvalue())
-
-
-def test_training_on_the_worker_node_from_and_to_s3(cluster, tmp_path):
-    """Two workers on the worker node train on a folder of images in S3 (decoded by Ray tasks, cached under the
-    storage) and checkpoint to S3; nothing lands on the driver's disk. (The pipeline test below checks the
-    scoring reference the driver ships the workers; the node-loss test, a folder only the head has.)"""
-    _upload_faces(cluster.s3, "faces", 150)
-    home = tmp_path / "home"
-    home.mkdir()
-    r = cluster.cli("train", "--dataset", "folder:s3://aigc/faces/", "--image-size", "32", *TINY[2:],
-                    "--num-workers", "2", "--steps", "6", "--ckpt-every", "3", "--log-every", "3",
-                    "--storage", "s3://aigc/runs", "--name", "ddp", "--json", cwd=tmp_path, env={"HOME": str(home)})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = _json_line(r.stdout)
-    assert out["checkpoint"] == "s3://aigc/runs/ddp/checkpoint_00000006" and out["step"] == 6
-    keys = _objects(cluster.s3, "runs/ddp/")
-    assert {"runs/ddp/checkpoint_00000006/meta.json", "runs/ddp/checkpoint_00000006/model.pt",
-            "runs/ddp/checkpoint_00000003/samples.png", "runs/ddp/config.json"} <= set(keys)
-    assert any(k.startswith("runs/ddp/tensorboard/events.out.tfevents") for k in keys)
-    assert _objects(cluster.s3, "runs/.cache/decoded/")  # decoded by Ray tasks, cached under the storage
-    r = cluster.cli("sample", "--checkpoint", "s3://aigc/runs/ddp", "--n", "4", "--out", str(tmp_path / "g.png"),
-                    "--json", cwd=tmp_path, connect=False, env={"HOME": str(home)})
-    assert r.returncode == 0 and _json_line(r.stdout)["step"] == 6, r.stderr[-2000:]
-    assert Image.open(tmp_path / "g.png").size == (70, 70)
-    assert not list(home.rglob("aigc_ray")) and not (tmp_path / "runs").exists()  # nothing local
-
-
 def _wait_for_checkpoint(cluster, prefix: str, proc, log, timeout=300) -> None:
     deadline = time.time() + timeout
     while not any(k.endswith("meta.json") and "/checkpoint_" in k for k in _objects(cluster.s3, prefix)):
@@ -170,7 +137,7 @@ def _wait(cluster, job_id, timeout=900):
 
 
 PIPELINE = [*TINY, "--eval-samples", "64", "--num-trials", "1", "--search-steps", "4", "--final-steps", "6",
-            "--final-workers", "2", "--fid-samples", "20", "--ref-images", "20", "--ingress", "proxy",
+            "--final-workers", "1", "--fid-samples", "20", "--ref-images", "20", "--ingress", "proxy",
             "--proxy-location", "HeadOnly"]
 
 
@@ -229,9 +196,10 @@ def _get(url: str, timeout: float = 240) -> httpx.Response:
 def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
     """The worker node dies while a 2-worker training run, a search and the pipeline's service all run on
     it; a fresh machine (empty disk, same package) joins. The run, on a folder of images only the head
-    has, continues from its checkpoint in S3 (the images shipped to the new node from the head), the
-    search's trial starts again and resumes its own, Serve starts the replica on the new node (which loads
-    the model from S3 again), and `aigc-ray serve --best` then deploys the search's winner there."""
+    has (decoded by Ray tasks on the node, cached under the storage), checkpoints to S3 and leaves nothing on
+    the driver's disk; it continues from its checkpoint in S3 (the images shipped to the new node from the
+    head), the search's trial starts again and resumes its own, Serve starts the replica on the new node
+    (which loads the model from S3 again), and `aigc-ray serve --best` then deploys the search's winner there."""
     url = getattr(cluster, "service", None)
     assert url, "the pipeline test's service is not up"
     first = _get(f"{url}/sample.png?n=4&seed=1", timeout=30)
@@ -251,9 +219,12 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
                             str(tmp_path / "space.yaml"), "--storage", "s3://aigc/runs", "--name", "search", "--json",
                             log=search_log)
     small = ["--image-size", "32", *TINY[2:]]  # TINY's nets, on the folder
+    home = tmp_path / "home"  # the driver's: nothing of the run may land there, nor in its working folder
+    home.mkdir()
     run = cluster.cli_bg("train", "--dataset", f"folder:{local}", *small, *one_cpu, "--num-workers", "2", "--steps",
                          str(steps), "--ckpt-every", "25", "--log-every", "25", "--max-failures", "3", "--storage",
-                         "s3://aigc/runs", "--name", "nodeloss", "--json", log=run_log)
+                         "s3://aigc/runs", "--name", "nodeloss", "--json", log=run_log, env={"HOME": str(home)},
+                         cwd=tmp_path)
     try:
         _wait_for_checkpoint(cluster, "runs/nodeloss/", run, run_log)
         _wait_for_checkpoint(cluster, "runs/train-", search, search_log)
@@ -277,6 +248,16 @@ def test_one_machine_lost_under_a_run_a_search_and_a_service(cluster, tmp_path):
     with _storage_env(cluster.s3):
         state = ckpt.load(out["checkpoint"])
     assert state["step"] == steps and state["opt_g"]["state"][0]["step"] == steps
+    keys = set(_objects(cluster.s3, "runs/nodeloss/"))
+    assert {f"runs/nodeloss/checkpoint_{steps:08d}/meta.json", f"runs/nodeloss/checkpoint_{steps:08d}/model.pt",
+            f"runs/nodeloss/checkpoint_{steps:08d}/samples.png", "runs/nodeloss/config.json"} <= keys
+    assert any(k.startswith("runs/nodeloss/tensorboard/events.out.tfevents") for k in keys)
+    assert _objects(cluster.s3, "runs/.cache/decoded/")  # the folder, decoded once, cached under the storage
+    r = cluster.cli("sample", "--checkpoint", "s3://aigc/runs/nodeloss", "--n", "4", "--out", str(tmp_path / "g.png"),
+                    "--json", cwd=tmp_path, connect=False, env={"HOME": str(home)})
+    assert r.returncode == 0 and _json_line(r.stdout)["step"] == steps, r.stderr[-2000:]
+    assert Image.open(tmp_path / "g.png").size == (70, 70)
+    assert not list(home.rglob("aigc_ray")) and not (tmp_path / "runs").exists()  # nothing local
 
     # The search: its trial finished, best.json in S3 names the winner.
     out = _json_line(search_log.read_text())

@@ -26,6 +26,15 @@ from .progress import progress_callback, relayed_lines
 from .worker import worker_loop
 
 
+class _Trainer(TorchTrainer):
+    """Ray's TorchTrainer less its Ray Data callback. Workers get their images through the object store, never
+    a Ray Dataset, yet Ray 2.60 starts a DatasetManager actor (a fresh process, ~2 CPU-s here) per worker
+    group for it. Its other work, handing workers the driver's DataContext, serves Ray Data alone."""
+
+    def _create_default_callbacks(self):
+        return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ != "DatasetsCallback"]
+
+
 class TrainingFailed(RunError):
     """A run failed more often than train.max_failures allows; the message says where it can resume."""
 
@@ -175,7 +184,7 @@ def _run_trainer(cfg: Config, run_dir: str, callbacks: list, verbose: bool, keep
                  driver_cpus: float, loop_config: dict[str, Any]):
     """Ray Train's TorchTrainer for the run, fitted; a run out of restarts ends in one TrainingFailed line."""
     t = cfg.train
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
