@@ -18,7 +18,6 @@ import io
 import time
 from dataclasses import dataclass
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,6 @@ from .images import grid, png_bytes
 from .metrics import has_labels
 from .metrics.features import _domain_key, _inception_cached, cache_uri, domain
 from .seeds import latents
-
-matplotlib.use("Agg")  # files, never a window
 
 FEATURE_WEIGHT = 0.5
 PRIOR_WEIGHT = 1e-3
@@ -127,7 +124,12 @@ def invert(g: torch.nn.Module, cfg: Config, photo: torch.Tensor, *, label: int |
 
 def write(out: str, inv: Inverted, photo: torch.Tensor, class_name: str | None = None) -> dict:
     """<out>/latent.npz, reconstruction.png (the photo beside G(z)) and loss.png, at any storage location."""
-    import matplotlib.pyplot as plt  # only when a loss curve is drawn (its import costs ~0.5 s)
+    # Only when a loss curve is drawn: the import costs ~0.5 s, and makes matplotlib's folder under $HOME (a
+    # dry run of any command must write nothing).
+    import matplotlib
+
+    matplotlib.use("Agg")  # files, never a window
+    import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     np.savez(buf, z=inv.z.numpy(), label=-1 if inv.label is None else inv.label, losses=np.asarray(inv.losses))
