@@ -56,6 +56,25 @@ def tiny(tmp_path):
     return make
 
 
+@pytest.fixture
+def bytes_by_replica():
+    """ask(url): one /generate request (8 images, seed 123, npy) sent 32 times to a service of two replicas;
+    each answer's bytes, by the replica that gave it (x-replica). Replicas are chosen at random: one alone
+    answers all 32 requests 2^-31 of the time."""
+    import httpx
+
+    def ask(url: str) -> dict[str, set[bytes]]:
+        by_replica: dict[str, set[bytes]] = {}
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for _ in range(32):
+                r = c.post("/generate", json={"n": 8, "seed": 123, "format": "npy"})
+                assert r.status_code == 200
+                by_replica.setdefault(r.headers["x-replica"], set()).add(r.content)
+        return by_replica
+
+    return ask
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 with IAM authentication on (aigc_ray.testing.ObjectStore): a bucket

@@ -5,7 +5,6 @@ the CPU, as `bench/gpu_check.sh --cpu-smoke` does to prove the script works on a
 
 import os
 
-import httpx
 import pytest
 import torch
 
@@ -54,7 +53,7 @@ def test_resume_is_exact_on_the_device(tiny):
         assert torch.equal(a, b)
 
 
-def test_generate_gives_the_same_bytes_on_two_replicas(ray_cluster, tiny):
+def test_generate_gives_the_same_bytes_on_two_replicas(ray_cluster, tiny, bytes_by_replica):
     from ray import serve
 
     from aigc_ray.ingress import free_ports
@@ -66,12 +65,7 @@ def test_generate_gives_the_same_bytes_on_two_replicas(ray_cluster, tiny):
     serve.run(build_app(ServeArgs(checkpoint=checkpoint), min_replicas=2, max_replicas=2, num_cpus=0.25,
                         num_gpus=0.5 if DEVICE == "cuda" else 0), name="replicas", route_prefix="/")
     try:
-        by_replica: dict[str, set] = {}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            for _ in range(32):  # two replicas, chosen at random: one alone answers all 2^-31 of the time
-                r = c.post("/generate", json={"n": 8, "seed": 123, "format": "npy"})
-                assert r.status_code == 200
-                by_replica.setdefault(r.headers["x-replica"], set()).add(r.content)
+        by_replica = bytes_by_replica(f"http://127.0.0.1:{port}")
         assert len(by_replica) == 2, by_replica.keys()  # both replicas answered
         assert len(set().union(*by_replica.values())) == 1  # with the very same bytes
     finally:

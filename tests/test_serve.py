@@ -363,7 +363,7 @@ def test_replicas_grow_under_load(service, checkpoints):
     assert seen == {200}
 
 
-def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
+def test_serving_survives_the_loss_of_a_replica(service, checkpoints, bytes_by_replica):
     """Two replicas give the very same bytes for a seed; under load one is SIGKILLed: only requests in flight
     may fail, it is replaced, errors stop."""
     import os
@@ -379,12 +379,7 @@ def test_serving_survives_the_loss_of_a_replica(service, checkpoints):
         time.sleep(0.5)
     victims = _replica_pids()
     assert len(victims) == 2
-    by_replica: dict[str, set] = {}
-    with httpx.Client(base_url=URL, timeout=60) as c:
-        for _ in range(32):  # two replicas, chosen at random: one alone answers all 2^-31 of the time
-            r = c.post("/generate", json={"n": 8, "seed": 123, "format": "npy"})
-            assert r.status_code == 200
-            by_replica.setdefault(r.headers["x-replica"], set()).add(r.content)
+    by_replica = bytes_by_replica(URL)
     assert len(by_replica) == 2 and len(set().union(*by_replica.values())) == 1  # both, with the same bytes
     clients = 8
     with _load(clients, {"n": 4, "seed": 1, "format": "npy"}) as log:
