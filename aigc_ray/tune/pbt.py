@@ -69,9 +69,21 @@ def make_scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps
 
 
 class _PBT(PopulationBasedTraining):
-    """PBT that leaves a member's final report alone. A copy made there would start at the last step with
-    nothing left to train (a restart for nothing), and a donor checkpointed there would hand its copiers
-    that same final step. Members copy and are copied at their reports before max_steps."""
+    """Ray's asynchronous PBT, made to work in small populations too.
+
+    Ray ranks a member once per perturbation interval, at its own report, against the others' last scores.
+    - A member's final report is left alone. A copy made there would start at the last step with nothing
+      left to train (a restart for nothing), and a donor checkpointed there would hand its copiers that same
+      final step.
+    - A member that reaches a point before any other has a score is ranked against no one: Ray would spend
+      its interval on that. It is ranked again at its next report.
+    - A member that copies is ranked next one interval later; Ray gives it its donor's schedule, which may
+      rank it again at once.
+    - Every ranked report's checkpoint is kept, not only an upper-quantile member's: Ray keeps none for a
+      member ranked alone or in the middle, and a worse member that later ranks below it skips its copy ("no
+      checkpoint for trial"; in a population of 2 that lost the only copy). Each report here carries a
+      checkpoint already, so keeping one costs nothing.
+    """
 
     def __init__(self, max_steps: int, **kwargs):
         super().__init__(**kwargs)
@@ -80,7 +92,19 @@ class _PBT(PopulationBasedTraining):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get("step", 0) >= self._max_steps:
             return self.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        state = self._trial_state[trial]
+        last, copies = state.last_perturbation_time, self._num_perturbations
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self._num_perturbations > copies:
+            state.last_perturbation_time = result[self._time_attr]
+        elif not any(s.last_score is not None for t, s in self._trial_state.items() if t is not trial):
+            state.last_perturbation_time = last  # ranked against no one
+        return decision
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
+        if trial not in lower_quantile and trial not in upper_quantile:
+            upper_quantile = [*upper_quantile, trial]  # kept as a donor is; it copies no one
+        super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
 
 
 def start_run(trial_id: str, root: str, search_dir: str, config: dict) -> str:
