@@ -54,7 +54,7 @@ def _json_line(lines: list[str]) -> dict:
     return json.loads(next(line for line in reversed(lines) if line.startswith("{")))
 
 
-def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_resumes(ray_cluster, tmp_path):
+def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_resumes(ray_cluster, tmp_path, capsys):
     """`aigc-ray tune` as a user runs it, on the session's cluster (--address). Two trials, one run after the
     other: each trial's start (its driver, Train controller and worker, each a fresh process) costs ~15 s here."""
     (tmp_path / "space.yaml").write_text("optim.lr_g: {grid: [2.0e-3, 50.0]}\noptim.lr_d: 2.0e-3\n")
@@ -93,8 +93,13 @@ def test_a_search_ranks_by_fid_says_so_as_it_goes_stops_the_absurd_trial_and_res
     assert per_trial.loc[absurd, "steps"] < 40
     assert best["steps_run"] < best["steps_full_grid"] == 2 * 40
 
-    # The same name again resumes the finished search instead of starting over.
-    seen, _ = _tune_cli(args)
+    # The same name again resumes the finished search instead of starting over (in this process: the command's
+    # own process was the first run's).
+    from aigc_ray.cli import main
+
+    capsys.readouterr()
+    assert main(["tune", *args]) == 0
+    seen = capsys.readouterr().out.splitlines()
     assert any("resuming search s" in line for line in seen)
     again = _json_line(seen)
     assert again["trial_id"] == best["trial_id"] and again["steps_run"] == best["steps_run"]

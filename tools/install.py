@@ -1,7 +1,8 @@
 """`make venv`'s install: aigc_ray[dev], editable, into the venv whose Python runs this.
 
-uv installs the ~6 GB of wheels (torch and its CUDA libraries) in ~25 s where pip takes ~2 min on this 2-core
-machine: it unpacks in parallel. It is given this machine's pip configuration (find-links, indexes,
+uv installs the ~7 GB of wheels (torch and its CUDA libraries) and compiles their bytecode in ~1 min, where pip
+takes ~2 min on this 2-core machine: it unpacks and compiles in parallel. (The bytecode matters here: with
+PYTHONDONTWRITEBYTECODE=1 set, as on this machine, a venv without it compiles in every process.) It is given this machine's pip configuration (find-links, indexes,
 constraints, certificate) and pip's rule for choosing among indexes (the best version from any), so both pick
 the same wheels. Where uv cannot be installed or fails, pip does the install.
 """
