@@ -2,9 +2,10 @@
 
 uv installs the ~7 GB of wheels (torch and its CUDA libraries) and compiles their bytecode in ~1 min, where pip
 takes ~2 min on this 2-core machine: it unpacks and compiles in parallel. (The bytecode matters here: with
-PYTHONDONTWRITEBYTECODE=1 set, as on this machine, a venv without it compiles in every process.) It is given this machine's pip configuration (find-links, indexes,
-constraints, certificate) and pip's rule for choosing among indexes (the best version from any), so both pick
-the same wheels. Where uv cannot be installed or fails, pip does the install.
+PYTHONDONTWRITEBYTECODE=1 set, as on this machine, a venv without it compiles in every process.) It is given this
+machine's pip configuration (find-links, indexes, constraints, certificate) and pip's rule for choosing among
+indexes (the best version from any), so both pick the same wheels. Where uv cannot be installed or fails, pip does
+the install.
 """
 
 from __future__ import annotations
