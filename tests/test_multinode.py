@@ -136,9 +136,11 @@ def _wait(cluster, job_id, timeout=900):
     return "TIMEOUT", client.get_job_logs(job_id)
 
 
-PIPELINE = [*TINY, "--eval-samples", "64", "--num-trials", "1", "--search-steps", "4", "--final-steps", "6",
-            "--final-workers", "1", "--fid-samples", "20", "--ref-images", "20", "--ingress", "proxy",
-            "--proxy-location", "HeadOnly"]
+# One thread per worker: the node's 5 CPUs are logical (this machine has 2), and a worker given all 5 would run
+# 5 torch threads on 2 cores.
+PIPELINE = [*TINY, "--cpus-per-worker", "1", "--eval-samples", "64", "--num-trials", "1", "--search-steps", "4",
+            "--final-steps", "6", "--final-workers", "1", "--fid-samples", "20", "--ref-images", "20", "--ingress",
+            "proxy", "--proxy-location", "HeadOnly"]
 
 
 def test_a_bad_job_fails_fast_and_deploys_nothing(cluster):
