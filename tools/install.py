@@ -25,7 +25,10 @@ def pip_config() -> dict[str, list[str]]:
     conf: dict[str, list[str]] = {}
     for line in out.splitlines():
         key, _, value = line.partition("=")
-        conf[key.rsplit(".", 1)[-1]] = ast.literal_eval(value).split()  # later lines (PIP_* variables) win
+        try:
+            conf[key.rsplit(".", 1)[-1]] = ast.literal_eval(value).split()  # later lines (PIP_* variables) win
+        except (ValueError, SyntaxError, AttributeError):  # a line not in pip's key='value' form: not ours to read
+            continue
     return conf
 
 
