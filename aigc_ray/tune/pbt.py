@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 
 import pandas as pd
@@ -46,7 +48,9 @@ def check_scheduler(scheduler: str, raw_space: dict, num_trials: int, searcher: 
 
 
 def make_scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: int, grace_steps: int,
-               perturb_every: int, quantile: float):
+               perturb_every: int, quantile: float, all_at_once: bool = True):
+    """all_at_once: the whole population runs at the same time (num_trials <= trials at a time); PBT then
+    never pauses a member to let another run."""
     if scheduler == "asha":
         return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=2)
     if scheduler == "none":
@@ -63,13 +67,13 @@ def make_scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps
                 config["space"][key] = type(config["space"][key])(min(max(config["space"][key], args[0]), args[1]))
         return config
 
-    return _PBT(max_steps, time_attr="step", perturbation_interval=perturb_every,
+    return _PBT(max_steps, all_at_once, time_attr="step", perturbation_interval=perturb_every,
                 hyperparam_mutations={"space": sampled}, quantile_fraction=quantile,
                 custom_explore_fn=within_bounds, synch=False)
 
 
 class _PBT(PopulationBasedTraining):
-    """Ray's asynchronous PBT, made to work in small populations too.
+    """Ray's asynchronous PBT, made to work in small populations too, whatever order members report in.
 
     Ray ranks a member once per perturbation interval, at its own report, against the others' last scores.
     - A member's final report is left alone. A copy made there would start at the last step with nothing
@@ -79,15 +83,21 @@ class _PBT(PopulationBasedTraining):
       its interval on that. It is ranked again at its next report.
     - A member that copies is ranked next one interval later; Ray gives it its donor's schedule, which may
       rank it again at once.
-    - Every ranked report's checkpoint is kept, not only an upper-quantile member's: Ray keeps none for a
-      member ranked alone or in the middle, and a worse member that later ranks below it skips its copy ("no
-      checkpoint for trial"; in a population of 2 that lost the only copy). Each report here carries a
-      checkpoint already, so keeping one costs nothing.
+    - Every ranked report is a donor, named in a small file under the search's folder written here (Ray asks
+      the member's actor to save, and only for the upper quantile; a pause, a finish or a lost node cancels
+      that save, and a worse member that ranks below it later skips its copy: in a population of 2, the
+      only copy). A member that finished stays a donor: Ray drops it from the ranking, so a member that
+      started late was ranked against no one.
+    - When the whole population runs at once, a member pauses at a point only for a member that is a full
+      interval or more behind it (one that has not started, or whose Train run waits for CPUs), so that the
+      two are compared; Ray pauses it whenever another is paused or pending, even for the moment a copy
+      restarts (a restart of its own for nothing). A population larger than the trials at a time takes
+      turns as Ray has it: a member pauses at a point while another waits.
     """
 
-    def __init__(self, max_steps: int, **kwargs):
+    def __init__(self, max_steps: int, all_at_once: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self._max_steps = max_steps
+        self._max_steps, self._all_at_once = max_steps, all_at_once
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get("step", 0) >= self._max_steps:
@@ -99,12 +109,48 @@ class _PBT(PopulationBasedTraining):
             state.last_perturbation_time = result[self._time_attr]
         elif not any(s.last_score is not None for t, s in self._trial_state.items() if t is not trial):
             state.last_perturbation_time = last  # ranked against no one
+        ranked = state.last_train_time == result[self._time_attr]
+        if ranked and self._all_at_once and decision in (self.CONTINUE, self.PAUSE):
+            behind = result[self._time_attr] - self._perturbation_interval
+            decision = self.PAUSE if any(
+                t is not trial and not t.is_finished() and t.status != t.PAUSED
+                and t.last_result.get(self._time_attr, 0) <= behind for t in tune_controller.get_trials()
+            ) else self.CONTINUE
         return decision
 
+    def _quantiles(self):
+        ranked = sorted((t for t, s in self._trial_state.items() if s.last_score is not None
+                         and not math.isnan(s.last_score)), key=lambda t: self._trial_state[t].last_score)
+        n = min(math.ceil(len(ranked) * self._quantile_fraction), len(ranked) // 2)
+        return (ranked[:n], ranked[len(ranked) - n:]) if n else ([], [])
+
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
-        if trial not in lower_quantile and trial not in upper_quantile:
-            upper_quantile = [*upper_quantile, trial]  # kept as a donor is; it copies no one
-        super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+        state = self._trial_state[trial]
+        state.last_checkpoint = _donor(trial, state.last_result)
+        self._num_checkpoints += state.last_checkpoint is not None
+        donors = [t for t in upper_quantile if self._trial_state[t].last_checkpoint is not None]
+        if trial in lower_quantile and donors:
+            self._exploit(tune_controller, trial, random.choice(donors))
+
+
+def _donor(trial, result: dict):
+    """The Tune checkpoint a member that copies this report restarts from: a SOURCE_FILE under the search's
+    folder, naming the report's Train checkpoint. None for a report without one."""
+    if not result.get("checkpoint_path"):
+        return None
+    search_dir = trial.config["search_dir"]
+    uri = storage_mod.join(search_dir, "donors", f"{trial.trial_id}-s{result['step']}")
+    storage_mod.write_text(storage_mod.join(uri, SOURCE_FILE), source(
+        trial.trial_id, result["run"], result["step"], result["checkpoint_path"], like=search_dir))
+    fs, path = storage_mod.filesystem(uri)
+    return ray.tune.Checkpoint(path, filesystem=fs)
+
+
+def source(trial_id: str, run: str, step: int, checkpoint_path: str, like: str) -> str:
+    """A SOURCE_FILE: where a member's Train checkpoint at a report is (checkpoint_path as Ray reports it,
+    inside `like`'s filesystem), and whose."""
+    return json.dumps({"checkpoint": storage_mod.from_fs_path(checkpoint_path, like=like), "run": run,
+                       "trial": trial_id, "step": step})
 
 
 def start_run(trial_id: str, root: str, search_dir: str, config: dict) -> str:

@@ -153,7 +153,7 @@ def _tuner(base: Config, spec: Search, search_dir: str, concurrent: int, progres
             metric=metric_key, mode="min", num_samples=spec.num_trials, max_concurrent_trials=limit,
             search_alg=search_alg,
             scheduler=make_scheduler(spec.scheduler, spec.raw_space, param_space, spec.max_steps, spec.grace_steps,
-                                     spec.perturb_every, spec.quantile)),
+                                     spec.perturb_every, spec.quantile, all_at_once=spec.num_trials <= concurrent)),
         # A trial whose node dies starts again elsewhere, resuming its Train run from storage.
         run_config=tune.RunConfig(name=spec.name, **where, verbose=0, callbacks=[progress],
                                   failure_config=tune.FailureConfig(max_failures=2)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -16,7 +15,7 @@ from ray.util.queue import Queue
 from .. import storage as storage_mod
 from .. import train
 from ..config import Config, replace
-from .pbt import SOURCE_FILE, start_run
+from .pbt import SOURCE_FILE, source, start_run
 
 TRIAL_CPUS = 0.01  # the trial's own driver; its Train workers ask for that much less (train.fit driver_cpus)
 
@@ -61,9 +60,7 @@ def run_trial(config: dict[str, Any], inputs: dict) -> None:
         checkpoint = None
         if m.get("checkpoint_path"):
             d = tempfile.mkdtemp(prefix="aigc_trial_")
-            (Path(d) / SOURCE_FILE).write_text(json.dumps({
-                "checkpoint": storage_mod.from_fs_path(m["checkpoint_path"], like=root), "run": run,
-                "trial": trial_id, "step": m["step"]}))
+            (Path(d) / SOURCE_FILE).write_text(source(trial_id, run, m["step"], m["checkpoint_path"], like=root))
             checkpoint = ray.tune.Checkpoint.from_directory(d)
         ray.tune.report({**m, "run": run, "lr_g": cfg.optim.lr_g, "lr_d": cfg.optim.lr_d}, checkpoint=checkpoint)
         if checkpoint is not None:
