@@ -2,6 +2,10 @@
 S3-compatible object store (moto's server on loopback, with real credential checks)."""
 
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -16,14 +20,54 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("AIGC_RAY_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache"))
 
 
-# Modules whose tests start Ray clusters of their own (CLI subprocesses, `ray start` nodes, the GPU check's
-# script) run first, before any test starts the session's cluster: an idle cluster costs ~7% of a CPU here
-# (~12% with Serve up), which every test that runs beside it pays on 2 CPUs.
+# Modules whose tests start Ray clusters of their own (`ray start` nodes, the GPU check's script, CLI
+# subprocesses) run first, in this order, before any test starts the session's cluster: an idle cluster costs
+# ~7% of a CPU here (~12% with Serve up), which every test that runs beside it pays on 2 CPUs.
 OWN_CLUSTERS = ("test_multinode.py", "test_gpu_check.py", "test_serving_trust.py")
+GPU_SMOKE = ("test_gpu_check.py", "test_the_gpu_check_runs_every_step_on_the_cpu")
+ROOT = Path(__file__).resolve().parents[1]
+_smoke: dict = {}
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in OWN_CLUSTERS)  # stable: the order within stays
+    order = {name: i for i, name in enumerate(OWN_CLUSTERS)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the order within stays
+
+
+def pytest_collection_finish(session):
+    """The GPU check's CPU smoke run (a process and a Ray cluster of its own, ~45 s) starts with the session,
+    beside the multi-node module, whose processes leave a core idle while they start (~100 CPU-s of its
+    ~190 s); its test (the `gpu_smoke` fixture) waits for it and reads what it wrote."""
+    if session.config.option.collectonly or not any((i.path.name, i.name) == GPU_SMOKE for i in session.items):
+        return
+    out = Path(tempfile.mkdtemp(prefix="aigc_gpu_smoke_"))
+    with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
+        _smoke["proc"] = subprocess.Popen(["bash", "bench/gpu_check.sh", "--cpu-smoke", "--out", str(out / "check")],
+                                          cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
+    _smoke["out"] = out
+
+
+def pytest_sessionfinish(session):
+    proc = _smoke.get("proc")
+    if proc is not None and proc.poll() is None:  # its test did not run (-x stopped the session before it)
+        proc.kill()
+        proc.wait()
+    if "out" in _smoke:
+        shutil.rmtree(_smoke["out"], ignore_errors=True)
+
+
+@pytest.fixture
+def gpu_smoke():
+    """`bash bench/gpu_check.sh --cpu-smoke`, started with the session: (its CompletedProcess, its --out folder)."""
+    proc, out = _smoke["proc"], _smoke["out"]
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, (out / "stdout.txt").read_text(),
+                                         (out / "stderr.txt").read_text())
+    return result, out / "check"
 
 
 @pytest.fixture(scope="session")

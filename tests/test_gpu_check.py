@@ -10,9 +10,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
-    r = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-smoke", "--out", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+def test_the_gpu_check_runs_every_step_on_the_cpu(gpu_smoke):
+    r, tmp_path = gpu_smoke  # `bash bench/gpu_check.sh --cpu-smoke --out tmp_path`, started with the session
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["smoke"] and report["device"] == "cpu (smoke)"
