@@ -94,6 +94,7 @@ class _PBT(PopulationBasedTraining):
       restarts (a restart of its own for nothing). A population larger than the trials at a time takes
       turns as Ray has it: a member pauses at a point while another waits.
     """
+    _all_at_once = True  # a search pickled by an aigc_ray before this attribute resumes with it
 
     def __init__(self, max_steps: int, all_at_once: bool = True, **kwargs):
         super().__init__(**kwargs)
