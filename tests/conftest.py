@@ -37,13 +37,15 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
     """The GPU check's CPU smoke run (a process and a Ray cluster of its own, ~45 s) starts with the session,
     beside the multi-node module, whose processes leave a core idle while they start (~100 CPU-s of its
-    ~190 s); its test (the `gpu_smoke` fixture) waits for it and reads what it wrote."""
+    ~190 s), on one torch thread to leave the module the other core; its test (the `gpu_smoke` fixture)
+    waits for it and reads what it wrote."""
     if session.config.option.collectonly or not any((i.path.name, i.name) == GPU_SMOKE for i in session.items):
         return
     out = Path(tempfile.mkdtemp(prefix="aigc_gpu_smoke_"))
     with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
         _smoke["proc"] = subprocess.Popen(["bash", "bench/gpu_check.sh", "--cpu-smoke", "--out", str(out / "check")],
-                                          cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
+                                          cwd=ROOT, stdout=stdout, stderr=stderr, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     _smoke["out"] = out
 
 
