@@ -49,8 +49,8 @@ def check_scheduler(scheduler: str, raw_space: dict, num_trials: int, searcher: 
 
 def make_scheduler(scheduler: str, raw_space: dict, param_space: dict, max_steps: int, grace_steps: int,
                perturb_every: int, quantile: float, all_at_once: bool = True):
-    """all_at_once: the whole population runs at the same time (num_trials <= trials at a time); PBT then
-    never pauses a member to let another run."""
+    """all_at_once: the whole population runs at the same time (num_trials <= trials at a time); a member then
+    pauses only for one a full interval behind it (see _PBT)."""
     if scheduler == "asha":
         return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace_steps, reduction_factor=2)
     if scheduler == "none":
